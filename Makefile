@@ -1,0 +1,44 @@
+# The two newcomer commands (see README):  make demo   |   make test
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+OUT ?= out
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-all lint format toolchains clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	$(BIN)/pip install -q -e ".[test,bench]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Main job on the embedded default: a real latency table of the tiny space on this CPU.
+demo: setup
+	$(BIN)/codesign lut build --space tiny --target x86 --db $(OUT)/lut.sqlite
+	$(BIN)/codesign lut show --db $(OUT)/lut.sqlite
+
+test: setup
+	$(BIN)/python -m pytest
+
+# Everything, including tests marked slow (minutes each).
+test-all: setup
+	$(BIN)/python -m pytest -m "slow or not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# Optional system toolchains: the aarch64 cross compiler for ARM artifacts (Debian/Ubuntu, root).
+toolchains:
+	command -v aarch64-linux-gnu-gcc >/dev/null || \
+	  (apt-get update -q && apt-get install -y -q gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache

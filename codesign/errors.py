@@ -1,0 +1,46 @@
+"""One exception hierarchy. Every message says what went wrong and what to do about it."""
+
+from __future__ import annotations
+
+
+class CodesignError(Exception):
+    """Base class of every error codesign raises on purpose."""
+
+
+class ArchError(CodesignError, ValueError):
+    """A malformed or invalid architecture string or object."""
+
+
+class SpaceError(CodesignError, KeyError):
+    """An unknown search space name."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class BlockSpecError(CodesignError, ValueError):
+    """A malformed block key or inconsistent block parameters."""
+
+
+class TargetError(CodesignError, ValueError):
+    """An unknown or misconfigured hardware target."""
+
+
+class LUTError(CodesignError):
+    """A latency table that cannot be opened or used as asked."""
+
+
+class CorruptLUTError(LUTError):
+    """The file is not a codesign LUT (foreign, truncated or damaged). It is never overwritten."""
+
+
+class BuildError(CodesignError):
+    """Lowering or compiling a network through TVM failed."""
+
+
+class MeasurementError(CodesignError):
+    """Running a compiled module on a device failed."""
+
+
+class TuningError(CodesignError):
+    """MetaSchedule tuning failed or produced no valid records."""

@@ -1,0 +1,112 @@
+"""Measurement value objects: how a module is timed, what came out, and where it came from."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import socket
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class MeasureProtocol:
+    """TVM `time_evaluator` settings. Each of `repeat` samples averages >= `number` runs and
+    lasts at least `min_repeat_ms`; TVM makes one untimed warm-up call first. With
+    `cache_flush`, CPU caches are flushed before every run (weights become runtime inputs so
+    that the flush reaches them)."""
+
+    repeat: int = 10
+    number: int = 1
+    min_repeat_ms: int = 50
+    cache_flush: bool = False
+
+    def __post_init__(self) -> None:
+        if self.repeat < 1 or self.number < 1 or self.min_repeat_ms < 0:
+            raise ValueError(f"invalid measurement protocol {self}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def quick(cls) -> MeasureProtocol:
+        """A cheap protocol for tests."""
+        return cls(repeat=3, number=1, min_repeat_ms=5)
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """Latency statistics of one build on one target, in milliseconds. A failed measurement is
+    a value with `error` set, not an exception."""
+
+    median_ms: float
+    mean_ms: float
+    std_ms: float
+    min_ms: float
+    max_ms: float
+    repeats: int
+    samples_ms: tuple[float, ...] = ()
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @classmethod
+    def from_samples(cls, samples_s: list[float] | tuple[float, ...]) -> Measurement:
+        ms = tuple(float(s) * 1e3 for s in samples_s)
+        if not ms:
+            return cls.failed("no samples")
+        return cls(
+            median_ms=statistics.median(ms),
+            mean_ms=statistics.fmean(ms),
+            std_ms=statistics.pstdev(ms) if len(ms) > 1 else 0.0,
+            min_ms=min(ms),
+            max_ms=max(ms),
+            repeats=len(ms),
+            samples_ms=ms,
+        )
+
+    @classmethod
+    def failed(cls, error: str) -> Measurement:
+        nan = float("nan")
+        return cls(nan, nan, nan, nan, nan, 0, (), error)
+
+
+@dataclass(frozen=True, slots=True)
+class Provenance:
+    """Where a measurement came from. Two measurements are comparable only when their
+    provenance digests (everything except the time and host name) match."""
+
+    tvm_version: str
+    target_key: str
+    target_json: str
+    pipeline: str
+    tuned: bool
+    tuning_digest: str
+    threads: int
+    protocol: MeasureProtocol
+    emulated: bool = False
+    host: str = field(default_factory=lambda: f"{socket.gethostname()}/{platform.machine()}")
+    created: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["protocol"] = self.protocol.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Provenance:
+        d = dict(d)
+        d["protocol"] = MeasureProtocol(**d["protocol"])
+        return cls(**d)
+
+    @property
+    def digest(self) -> str:
+        d = self.to_dict()
+        d.pop("created")
+        d.pop("host")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

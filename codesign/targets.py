@@ -1,0 +1,203 @@
+"""Hardware targets: a TVM target plus how to reach the device that runs it.
+
+A target is named by a short spec string, `NAME[:opt=value,...]`:
+
+    x86                       this machine's CPU, mcpu detected by LLVM (e.g. znver2), all cores
+    x86:threads=1             ... measured with one runtime thread
+    x86:mcpu=skylake-avx512   ... for a named CPU (override the detection)
+    cuda                      a CUDA GPU; arch detected with nvidia-smi, else sm_80
+    cuda:arch=sm_90
+    arm                       a 64-bit ARM board reached through an RPC tracker (key arm64)
+    arm:key=rpi4,tracker=10.0.0.5:9190,mcpu=cortex-a72,threads=4
+
+`{"kind":"llvm"}` alone compiles for generic x86-64 (SSE only) and the wheel's LLVM rejects
+`mcpu=native`, so the x86 target always names a CPU. Override detection for a whole run with
+the environment variable CODESIGN_X86_MCPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any
+
+from codesign.errors import TargetError
+
+KNOWN = ("x86", "cuda", "arm")
+_OPTIONS = {
+    "x86": ("mcpu", "threads"),
+    "cuda": ("arch",),
+    "arm": ("key", "tracker", "mcpu", "threads", "cc"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A named target. `tvm_json` is the TVM target dict as canonical JSON (hashable)."""
+
+    name: str
+    tvm_json: str
+    device: str  # "cpu" or "cuda" (device type on the machine that runs the code)
+    threads: int
+    rpc_key: str | None = None
+    tracker: str | None = None  # "host:port" of the RPC tracker that serves rpc_key
+    cross_cc: str | None = None  # cross compiler used to link exported libraries
+    options: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def tvm_dict(self) -> dict[str, Any]:
+        return json.loads(self.tvm_json)
+
+    @property
+    def spec(self) -> str:
+        """The spec string that recreates this target."""
+        if not self.options:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.options)
+
+    @property
+    def key(self) -> str:
+        """Stable identity used to key measurements: what was compiled, for what, how many threads."""
+        d = self.tvm_dict
+        if self.name == "x86":
+            return f"x86-{d.get('mcpu', 'generic')}-t{self.threads}"
+        if self.name == "cuda":
+            return f"cuda-{d.get('arch', 'unknown')}"
+        return f"arm-{d.get('mcpu', 'generic')}-t{self.threads}-{self.rpc_key}"
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.tvm_json.encode()).hexdigest()[:16]
+
+    @property
+    def is_remote(self) -> bool:
+        return self.rpc_key is not None
+
+    def tvm_target(self) -> Any:
+        import tvm
+
+        return tvm.target.Target(self.tvm_dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "spec": self.spec,
+            "key": self.key,
+            "tvm": self.tvm_dict,
+            "device": self.device,
+            "threads": self.threads,
+            "rpc_key": self.rpc_key,
+            "tracker": self.tracker,
+            "cross_cc": self.cross_cc,
+        }
+
+
+def _canonical(d: dict[str, Any]) -> str:
+    return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=1)
+def host_cpu() -> str:
+    """The host CPU name as LLVM knows it (e.g. 'znver2', 'sapphirerapids')."""
+    env = os.environ.get("CODESIGN_X86_MCPU")
+    if env:
+        return env
+    from tvm.target import codegen
+
+    cpu = str(codegen.llvm_get_system_cpu())
+    return cpu if cpu and cpu != "generic" else "x86-64-v2"
+
+
+def _cuda_arch() -> str:
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.split()
+            if out:
+                return "sm_" + out[0].replace(".", "")
+        except (subprocess.SubprocessError, OSError):
+            pass
+    return "sm_80"
+
+
+def _positive_int(name: str, value: str) -> int:
+    if not re.fullmatch(r"[1-9]\d*", value):
+        raise TargetError(f"target option {name}={value!r} must be a positive integer")
+    return int(value)
+
+
+def parse_target(spec: str | Target) -> Target:
+    """Resolve a target spec string (see the module docstring) to a Target."""
+    if isinstance(spec, Target):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise TargetError(f"empty target; choose one of {', '.join(KNOWN)}")
+    name, _, rest = spec.strip().partition(":")
+    if name not in KNOWN:
+        raise TargetError(
+            f"unknown target {name!r}; known targets: {', '.join(KNOWN)} "
+            "(run `codesign targets` to see them with their TVM target JSON)"
+        )
+    opts: dict[str, str] = {}
+    for item in filter(None, rest.split(",")):
+        k, eq, v = item.partition("=")
+        if not eq or not v:
+            raise TargetError(f"target option {item!r} in {spec!r} must look like key=value")
+        if k not in _OPTIONS[name]:
+            raise TargetError(
+                f"target {name!r} has no option {k!r}; its options are {', '.join(_OPTIONS[name])}"
+            )
+        opts[k] = v
+    options = tuple(sorted(opts.items()))
+    if name == "x86":
+        threads = (
+            _positive_int("threads", opts["threads"]) if "threads" in opts else _host_threads()
+        )
+        d = {"kind": "llvm", "mcpu": opts.get("mcpu") or host_cpu(), "num-cores": threads}
+        return Target("x86", _canonical(d), "cpu", threads, options=options)
+    if name == "cuda":
+        arch = opts.get("arch") or _cuda_arch()
+        if not re.fullmatch(r"sm_\d+[a-z]?", arch):
+            raise TargetError(f"cuda arch {arch!r} must look like sm_80")
+        d = {"kind": "cuda", "arch": arch}
+        return Target("cuda", _canonical(d), "cuda", 1, options=options)
+    threads = _positive_int("threads", opts["threads"]) if "threads" in opts else 4
+    d = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "num-cores": threads}
+    if "mcpu" in opts:
+        d["mcpu"] = opts["mcpu"]
+    tracker = opts.get("tracker", "127.0.0.1:9190")
+    if not re.fullmatch(r"[\w.-]+:\d+", tracker):
+        raise TargetError(f"tracker {tracker!r} must look like HOST:PORT")
+    return Target(
+        "arm",
+        _canonical(d),
+        "cpu",
+        threads,
+        rpc_key=opts.get("key", "arm64"),
+        tracker=tracker,
+        cross_cc=opts.get("cc", "aarch64-linux-gnu-gcc"),
+        options=options,
+    )
+
+
+def _host_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def known_targets() -> list[Target]:
+    """The default target of every known name, resolved on this machine."""
+    return [parse_target(n) for n in KNOWN]

@@ -1,0 +1,1 @@
+"""Model compression under a latency budget: HAQ mixed precision, AMC pruning (`codesign.compression`)."""

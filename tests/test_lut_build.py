@@ -1,0 +1,125 @@
+"""LUT building with real TVM builds and measurements (tiny budgets)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from codesign.lut import LatencyTable
+from codesign.lut_build import build_lut
+
+
+def test_untuned_build_measures_then_reuses(lut_path: Path, tiny, x86, quick) -> None:
+    blocks = tiny.blocks()[:3]
+    r1 = build_lut(tiny, x86, lut_path, protocol=quick, blocks=blocks, progress=False)
+    assert (r1.measured, r1.reused, r1.failed) == (3, 0, [])
+    with LatencyTable(lut_path) as t:
+        entries = {e.key: e for e in t.entries(x86.key, "untuned")}
+    assert set(entries) == {b.key for b in blocks}
+    for e in entries.values():
+        m = e.measurement
+        assert m.ok and 0 < m.min_ms <= m.median_ms <= m.max_ms < 100
+        assert m.repeats == quick.repeat and len(m.samples_ms) == quick.repeat
+        assert e.provenance.target_json == x86.tvm_json and not e.provenance.tuned
+        assert e.provenance.threads == x86.threads
+    r2 = build_lut(tiny, x86, lut_path, protocol=quick, blocks=blocks, progress=False)
+    assert (r2.measured, r2.reused) == (0, 3)
+    # a different protocol is a different provenance: re-measured, not trusted
+    from codesign.measurement import MeasureProtocol
+
+    r3 = build_lut(
+        tiny,
+        x86,
+        lut_path,
+        protocol=MeasureProtocol(repeat=2, min_repeat_ms=1),
+        blocks=blocks[:1],
+        progress=False,
+    )
+    assert r3.measured == 1
+
+
+def test_bigger_blocks_measure_slower(lut_path: Path, tiny, x86, quick) -> None:
+    """The LUT reflects real work: a k7 e6 block costs more than a k3 e3 block of the same layer."""
+    layer = tiny.layers()[1]
+    small, big = layer.block("k3e3"), layer.block("k7e6")
+    build_lut(tiny, x86, lut_path, protocol=quick, blocks=[small, big], progress=False)
+    with LatencyTable(lut_path) as t:
+        lat = t.latencies(x86.key, "untuned")
+    assert lat[big.key] > 1.5 * lat[small.key]
+
+
+def test_tuned_build_shares_tasks_and_stores_records(lut_path: Path, tiny, x86, quick) -> None:
+    layer = tiny.layers()[3]  # 24->24, 7x7: k3e3 and k5e3 share the 1x1 expand/project tasks
+    blocks = [layer.block("k3e3"), layer.block("k5e3")]
+    r = build_lut(tiny, x86, lut_path, trials=2, protocol=quick, blocks=blocks, progress=False)
+    assert r.total_tasks == 6 and r.unique_tasks == 4, r
+    assert r.measured == 2 and r.valid_records > 0
+    with LatencyTable(lut_path) as t:
+        assert t.count_tuning_records(x86.key) >= r.valid_records
+        tuned = t.entries(x86.key, "tuned")
+        assert len(tuned) == 2 and all(e.provenance.tuned and e.tuning_digest for e in tuned)
+    again = build_lut(tiny, x86, lut_path, trials=2, protocol=quick, blocks=blocks, progress=False)
+    assert (again.tuned_tasks, again.measured, again.reused) == (0, 0, 2)
+
+
+def test_killed_build_resumes_without_remeasuring(lut_path: Path, tmp_path: Path) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "codesign.cli.main",
+        "lut",
+        "build",
+        "--space",
+        "tiny",
+        "--target",
+        "x86",
+        "--db",
+        str(lut_path),
+        "--repeat",
+        "2",
+        "--min-repeat-ms",
+        "1",
+        "--limit",
+        "10",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 240
+    done_before = 0
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.3)
+            if lut_path.exists():
+                with LatencyTable(lut_path, readonly=True) as t:
+                    done_before = len(t.entries())
+                if done_before >= 4:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    break
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert 4 <= done_before < 10, "the build was not interrupted half-way"
+    with LatencyTable(lut_path, readonly=True) as t:
+        before = {e.key: e.provenance.created for e in t.entries()}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert f"{10 - len(before)} measured, {len(before)} already valid" in out.stdout
+    with LatencyTable(lut_path, readonly=True) as t:
+        after = {e.key: e.provenance.created for e in t.entries()}
+    assert len(after) == 10
+    assert all(after[k] == v for k, v in before.items()), "finished rows were re-measured"
+
+
+@pytest.mark.slow
+def test_full_tiny_space_untuned(lut_path: Path, tiny, x86) -> None:
+    r = build_lut(tiny, x86, lut_path, progress=False)
+    assert r.measured == len(tiny.blocks()) and not r.failed

@@ -1,0 +1,10 @@
+"""TVM backend (`codesign.tvm_backend`): one module per role.
+
+lower     PyTorch -> torch.export -> Relax
+build     the compile recipe shared by LUT, networks and artifacts; library export
+tuning    MetaSchedule task extraction, de-duplication and tuning
+database  MetaSchedule records stored in the LUT's SQLite file
+runner    timing compiled modules (LocalRunner; remote runners share the interface)
+
+Import the submodules directly; this package imports nothing heavy.
+"""

@@ -1,0 +1,138 @@
+"""A MetaSchedule database stored in the LUT's SQLite file.
+
+Tuning records live next to the latencies they produced, so the artifact is compiled with the
+same records the LUT was measured with ("what you measure is what you ship"). Queries are served
+by an in-memory MetaSchedule database loaded from the file (C++ structural matching); every
+commit is written through to SQLite at once, so an interrupted tuning run keeps its records.
+Records are per target key; workloads (TIR PrimFuncs) are shared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+from codesign.lut import connect, transaction
+
+
+def _make_class() -> type:
+    import tvm
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.database import PyDatabase, TuningRecord, Workload
+
+    # TVM's own JSON codec (what JSONDatabase uses): records hold FFI values Python's json cannot.
+    stringify = tvm.get_global_func("ffi.json.Stringify")
+    parse = tvm.get_global_func("ffi.json.Parse")
+
+    def dumps(obj: Any) -> str:
+        return str(stringify(obj, None))
+
+    @derived_object
+    class SQLiteDatabase(PyDatabase):
+        """MetaSchedule database over the LUT file's `tuning_*` tables, for one target key."""
+
+        def __init__(self, path: str | Path, target_key: str) -> None:
+            super().__init__()
+            self.path = Path(path)
+            self.target_key = target_key
+            self.con = connect(self.path)
+            self.mem = ms.database.MemoryDatabase()
+            self.workloads: dict[str, Any] = {}
+            self._load()
+
+        def _load(self) -> None:
+            for shash, js in self.con.execute("SELECT shash, json FROM tuning_workloads"):
+                wl = self.mem.commit_workload(Workload.from_json(parse(js)).mod)
+                self.workloads[shash] = wl
+            rows = self.con.execute(
+                "SELECT shash, json FROM tuning_records WHERE target = ? ORDER BY id",
+                (self.target_key,),
+            )
+            for shash, js in rows:
+                wl = self.workloads.get(shash)
+                if wl is not None:
+                    self.mem.commit_tuning_record(TuningRecord.from_json(parse(js), wl))
+
+        # --- PyDatabase interface -------------------------------------------------
+        def has_workload(self, mod: Any) -> bool:
+            return self.mem.has_workload(mod)
+
+        def commit_workload(self, mod: Any) -> Any:
+            wl = self.mem.commit_workload(mod)
+            js = wl.as_json()
+            shash = str(js[0])
+            if shash not in self.workloads:
+                self.workloads[shash] = wl
+                with transaction(self.con):
+                    self.con.execute(
+                        "INSERT OR IGNORE INTO tuning_workloads VALUES (?, ?)", (shash, dumps(js))
+                    )
+            return wl
+
+        def commit_tuning_record(self, record: Any) -> None:
+            self.mem.commit_tuning_record(record)
+            shash = str(record.workload.as_json()[0])
+            if shash not in self.workloads:
+                self.commit_workload(record.workload.mod)
+            secs = [float(s) for s in (record.run_secs or [])]
+            run_ms = 1e3 * sum(secs) / len(secs) if secs else None
+            with transaction(self.con):
+                self.con.execute(
+                    "INSERT INTO tuning_records (target, shash, run_ms, json, created) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (self.target_key, shash, run_ms, dumps(record.as_json()), time.time()),
+                )
+
+        def get_top_k(self, workload: Any, top_k: int) -> list[Any]:
+            return self.mem.get_top_k(workload, top_k)
+
+        def get_all_tuning_records(self) -> list[Any]:
+            return self.mem.get_all_tuning_records()
+
+        def __len__(self) -> int:
+            return len(self.mem)
+
+        # --- codesign helpers -----------------------------------------------------
+        def best_record(self, task_mod: Any) -> Any | None:
+            """The best valid record of a task's PrimFunc module, or None."""
+            if not self.mem.has_workload(task_mod):
+                return None
+            top = self.mem.get_top_k(self.mem.commit_workload(task_mod), 1)
+            return top[0] if top else None
+
+        def valid_count(self, task_mod: Any) -> int:
+            """Number of records with a successful run for this task."""
+            if not self.mem.has_workload(task_mod):
+                return 0
+            wl = self.mem.commit_workload(task_mod)
+            return len(self.mem.get_top_k(wl, 1 << 30))
+
+        def digest(self, task_mods: list[Any]) -> str:
+            """Digest of the best schedules of these tasks: changes when a better one arrives."""
+            h = hashlib.sha256()
+            for mod in task_mods:
+                rec = self.best_record(mod)
+                if rec is None:
+                    h.update(b"none;")
+                else:
+                    h.update(dumps(rec.as_json()).encode())  # trace, run times, target, args
+            return h.hexdigest()[:16]
+
+        def close(self) -> None:
+            self.con.close()
+
+    return SQLiteDatabase
+
+
+_CLASS: type | None = None
+
+
+def open_tuning_database(path: str | Path, target_key: str) -> Any:
+    """The MetaSchedule database of `target_key` inside the LUT file at `path`."""
+    global _CLASS
+    if _CLASS is None:
+        _CLASS = _make_class()
+    return _CLASS(path, target_key)

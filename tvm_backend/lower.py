@@ -1,0 +1,72 @@
+"""Lowering: PyTorch module -> torch.export -> Relax IRModule.
+
+BatchNorm is folded into the convolutions before export, so the Relax graph holds only
+conv2d + bias add + clip (ReLU6) + residual adds, which FuseOps turns into one PrimFunc per conv.
+Weights are bound as constants (`params_as_input=False`, the default: what the artifact ships)
+or kept as runtime inputs (`params_as_input=True`: needed for cache-flushing measurements).
+Both give the same TIR tuning tasks: constants are passed to PrimFuncs as arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from codesign.blocks import BlockSpec
+from codesign.errors import BuildError
+from codesign.modules import build_block, fold_bn, init_weights
+
+
+@dataclass
+class Lowered:
+    """A Relax module and what is needed to call it."""
+
+    mod: Any  # tvm.IRModule
+    input_shape: tuple[int, ...]
+    input_dtype: str = "float32"
+    params: list[np.ndarray] = field(default_factory=list)  # runtime weights, if kept as inputs
+    label: str = ""
+
+
+def lower_module(
+    module: torch.nn.Module,
+    input_shape: tuple[int, ...],
+    *,
+    params_as_input: bool = False,
+    label: str = "",
+) -> Lowered:
+    """Export an eval-mode copy of `module` (BN folded) for a batch-1 input of `input_shape`."""
+    from tvm.relax.frontend import detach_params
+    from tvm.relax.frontend.torch import from_exported_program
+
+    folded = fold_bn(module)
+    example = torch.zeros(input_shape, dtype=torch.float32)
+    try:
+        with torch.no_grad():
+            program = torch.export.export(folded, (example,))
+        mod = from_exported_program(
+            program, keep_params_as_input=params_as_input, unwrap_unit_return_tuple=True
+        )
+    except Exception as err:  # torch.export / importer failures
+        raise BuildError(
+            f"could not lower {label or type(module).__name__} to Relax: {err}"
+        ) from err
+    params: list[np.ndarray] = []
+    if params_as_input:
+        mod, detached = detach_params(mod)
+        params = [t.numpy() for t in detached.get("main", [])]
+    return Lowered(mod, tuple(input_shape), "float32", params, label)
+
+
+def lower_block(spec: BlockSpec, *, seed: int = 0, params_as_input: bool = False) -> Lowered:
+    """Lower one block with seeded weights (values do not change dense-kernel latency)."""
+    if spec.precision != "fp32":
+        raise BuildError(
+            f"{spec.key}: only fp32 blocks lower through torch.export; quantized blocks are "
+            "lowered by codesign.compression"
+        )
+    module = init_weights(build_block(spec), seed)
+    return lower_module(module, spec.input_shape, params_as_input=params_as_input, label=spec.key)

@@ -1,0 +1,83 @@
+"""Runners time a compiled module on a device: `run(built, protocol) -> Measurement`.
+
+`LocalRunner` times on this machine with TVM's `time_evaluator` (the timing loop runs in the
+TVM runtime, not in Python). Remote runners (RPC) implement the same interface. A failed run
+returns a Measurement with `error` set instead of raising.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import numpy as np
+
+from codesign.measurement import Measurement, MeasureProtocol
+from codesign.tvm_backend.build import Built
+
+_FLUSH = "cache_flush_cpu_non_first_arg"
+
+
+class Runner(abc.ABC):
+    """Times compiled modules on one device."""
+
+    @abc.abstractmethod
+    def run(self, built: Built, protocol: MeasureProtocol) -> Measurement:
+        """Measure `built`; never raises for device-side failures (see Measurement.error)."""
+
+    @property
+    def emulated(self) -> bool:
+        """True when the device is an emulator: its timings must not drive tuning."""
+        return False
+
+
+def random_input(shape: tuple[int, ...], dtype: str, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if dtype.startswith(("int", "uint")):
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, size=shape, endpoint=True).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def set_threads(threads: int) -> None:
+    """Resize the TVM runtime thread pool of this process."""
+    import tvm
+
+    tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
+
+
+class LocalRunner(Runner):
+    """Runs on this machine's CPU (or GPU for cuda targets) with `threads` runtime threads."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def run(self, built: Built, protocol: MeasureProtocol) -> Measurement:
+        import tvm
+        from tvm import relax
+
+        try:
+            dev = tvm.cuda(0) if built.target.device == "cuda" else tvm.cpu(0)
+            if built.target.device == "cuda" and not dev.exist:
+                return Measurement.failed("no CUDA device on this machine")
+            if built.target.device == "cpu":
+                set_threads(built.target.threads)
+            vm = relax.VirtualMachine(built.executable, dev)
+            args = [
+                tvm.runtime.tensor(
+                    random_input(built.input_shape, built.input_dtype, self.seed), dev
+                )
+            ]
+            args += [tvm.runtime.tensor(p, dev) for p in built.params]
+            evaluator = vm.time_evaluator(
+                "main",
+                dev,
+                number=protocol.number,
+                repeat=protocol.repeat,
+                min_repeat_ms=protocol.min_repeat_ms,
+                f_preproc=_FLUSH if protocol.cache_flush and built.target.device == "cpu" else "",
+            )
+            result: Any = evaluator(*args)
+            return Measurement.from_samples(list(result.results))
+        except Exception as err:  # device-side failure: report, do not raise
+            return Measurement.failed(f"{type(err).__name__}: {err}")

@@ -1,0 +1,190 @@
+"""MetaSchedule tuning with a shared, persistent database.
+
+Tasks (fused PrimFuncs) are extracted from every module, de-duplicated across modules by
+structural equality, and tuned once each in a single MetaSchedule session: identical TIR in
+different blocks costs one tuning. Tasks that already have enough valid records are skipped,
+so an interrupted run resumes where it stopped.
+
+Two traps handled here (see TVM_GUIDE.md §3.1): the stock builder imports
+`tvm.s_tir.tensor_intrin` in every worker (~22 s, past its 30 s timeout), so `fast_build` skips
+it; and the per-task trial cap is always set, so the first task cannot eat the whole budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from codesign.errors import TuningError
+from codesign.targets import Target
+
+
+def fast_build(mod: Any, target: Any, _params: Any) -> Any:
+    """MetaSchedule's default build minus the slow `tvm.s_tir.tensor_intrin` import."""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+@dataclass
+class Task:
+    """One unique tuning task and the modules (labels) that contain it."""
+
+    name: str
+    extracted: Any  # ms.ExtractedTask
+    users: list[str] = field(default_factory=list)
+
+    @property
+    def mod(self) -> Any:
+        return self.extracted.dispatched[0]
+
+
+@dataclass
+class TaskSet:
+    tasks: list[Task]
+    per_module: dict[str, list[int]]  # label -> indices into tasks
+    total: int  # tasks before de-duplication
+
+    @property
+    def unique(self) -> int:
+        return len(self.tasks)
+
+    def mods_of(self, label: str) -> list[Any]:
+        return [self.tasks[i].mod for i in self.per_module.get(label, [])]
+
+
+def extract_tasks(fused_by_label: dict[str, Any], target: Target) -> TaskSet:
+    """Tuning tasks of several fused modules, de-duplicated by structural equality."""
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    tvm_target = target.tvm_target()
+    tasks: list[Task] = []
+    by_hash: dict[int, list[int]] = {}
+    per_module: dict[str, list[int]] = {}
+    total = 0
+    for label, fused in fused_by_label.items():
+        idx = []
+        for ext in ms.relax_integration.extract_tasks(fused, tvm_target):
+            total += 1
+            mod = ext.dispatched[0]
+            h = tvm_ffi.structural_hash(mod)
+            found = next(
+                (i for i in by_hash.get(h, []) if tvm_ffi.structural_equal(tasks[i].mod, mod)), None
+            )
+            if found is None:
+                found = len(tasks)
+                tasks.append(Task(ext.task_name, ext))
+                by_hash.setdefault(h, []).append(found)
+            if label not in tasks[found].users:
+                tasks[found].users.append(label)
+            idx.append(found)
+        per_module[label] = idx
+    return TaskSet(tasks, per_module, total)
+
+
+@dataclass(frozen=True)
+class TuneReport:
+    unique_tasks: int
+    tuned_tasks: int  # tasks tuned in this run (the rest already had records)
+    trials: int
+    valid_records: int
+    seconds: float
+
+
+def tune(
+    taskset: TaskSet,
+    target: Target,
+    database: Any,
+    *,
+    trials_per_task: int,
+    seed: int = 0,
+    work_dir: str | None = None,
+    on_trials: Callable[[int], None] | None = None,
+) -> TuneReport:
+    """Tune every task that has fewer than `trials_per_task` valid records in `database`."""
+    from tvm.s_tir import meta_schedule as ms
+
+    start = time.time()
+    todo = [t for t in taskset.tasks if database.valid_count(t.mod) < trials_per_task]
+    if not todo or trials_per_task <= 0:
+        return TuneReport(taskset.unique, 0, 0, 0, time.time() - start)
+    if target.name == "cuda":
+        import tvm
+
+        if not tvm.cuda(0).exist:
+            raise TuningError("tuning for cuda needs a CUDA GPU on this machine; none was found")
+    if target.is_remote:
+        raise TuningError(
+            f"target {target.key} is measured over RPC; tune it through the device farm "
+            "(codesign farm), not locally"
+        )
+    _quiet_metaschedule()
+    before = sum(database.valid_count(t.mod) for t in todo)
+    callbacks: list[Any] = list(ms.measure_callback.MeasureCallback.create("default"))
+    if on_trials is not None:
+        callbacks.append(_progress_callback(on_trials))
+    with tempfile.TemporaryDirectory(prefix="codesign-tune-") as tmp:
+        wd = work_dir or tmp
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            [t.extracted for t in todo], wd, seed=seed
+        )
+        per_iter = max(1, min(trials_per_task, 32))
+        try:
+            ms.tune.tune_tasks(
+                tasks=contexts,
+                task_weights=[float(w) for w in weights],
+                work_dir=wd,
+                max_trials_global=trials_per_task * len(todo),
+                max_trials_per_task=trials_per_task,
+                num_trials_per_iter=per_iter,
+                builder=ms.builder.LocalBuilder(f_build=fast_build),
+                runner=ms.runner.LocalRunner(),
+                database=database,
+                measure_callbacks=callbacks,
+                cost_model="xgb",
+            )
+        except Exception as err:
+            raise TuningError(f"MetaSchedule tuning failed for {target.key}: {err}") from err
+    after = sum(database.valid_count(t.mod) for t in todo)
+    if after == before:
+        raise TuningError(
+            f"tuning {len(todo)} task(s) for {target.key} produced no valid record; "
+            "every candidate failed to build or run (see MetaSchedule logs with CODESIGN_DEBUG=1)"
+        )
+    return TuneReport(
+        taskset.unique, len(todo), trials_per_task * len(todo), after - before, time.time() - start
+    )
+
+
+def _progress_callback(on_trials: Callable[[int], None]) -> Any:
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class _Progress(PyMeasureCallback):
+        def apply(
+            self,
+            task_scheduler: Any,
+            task_id: int,
+            measure_candidates: Any,
+            builder_results: Any,
+            runner_results: Any,
+        ) -> None:
+            on_trials(len(runner_results))
+
+    return _Progress()
+
+
+def _quiet_metaschedule() -> None:
+    import os
+
+    if os.environ.get("CODESIGN_DEBUG"):
+        return
+    for name in ("tvm.s_tir.meta_schedule", "tvm.meta_schedule"):
+        logging.getLogger(name).setLevel(logging.WARNING)
