@@ -96,4 +96,4 @@ def test_build_and_show(tmp_path: Path) -> None:
     assert len(shown["entries"]) == 2
     assert all(e["median_ms"] > 0 for e in shown["entries"])
     table = run("lut", "show", "--db", str(db)).stdout
-    assert "conv_k3_i1_o16_s1_h28_w28" in table
+    assert "conv_k3_i1_o16_s2_h28_w28" in table

@@ -9,6 +9,7 @@ Both give the same TIR tuning tasks: constants are passed to PrimFuncs as argume
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,11 +46,12 @@ def lower_module(
     folded = fold_bn(module)
     example = torch.zeros(input_shape, dtype=torch.float32)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             program = torch.export.export(folded, (example,))
-        mod = from_exported_program(
-            program, keep_params_as_input=params_as_input, unwrap_unit_return_tuple=True
-        )
+            mod = from_exported_program(
+                program, keep_params_as_input=params_as_input, unwrap_unit_return_tuple=True
+            )
     except Exception as err:  # torch.export / importer failures
         raise BuildError(
             f"could not lower {label or type(module).__name__} to Relax: {err}"
