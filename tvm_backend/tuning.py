@@ -72,6 +72,27 @@ def _shallow_inspect_stack(depth: int = 3):
         inspect.stack = original
 
 
+@contextlib.contextmanager
+def reap_workers():
+    """Kill the TVM popen workers started inside the block when it exits, however it exits:
+    MetaSchedule's builder/runner pools otherwise outlive an interrupted parent as orphans."""
+    import psutil
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    try:
+        yield
+    finally:
+        for proc in me.children(recursive=True):
+            if proc.pid in before:
+                continue
+            try:
+                if "tvm.exec.popen_worker" in " ".join(proc.cmdline()):
+                    proc.kill()
+            except psutil.Error:
+                pass
+
+
 def import_intrinsics() -> None:
     """Import `tvm.s_tir.tensor_intrin` (needed by the x86/CUDA schedule rules) quickly."""
     if "tvm.s_tir.tensor_intrin" in sys.modules:
@@ -179,7 +200,7 @@ def tune(
     builder = ms.builder.LocalBuilder(f_build=fast_build)
     if on_trials is not None:
         builder = _counting_builder(builder, on_trials)
-    with tempfile.TemporaryDirectory(prefix="codesign-tune-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="codesign-tune-") as tmp, reap_workers():
         wd = work_dir or tmp
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             [t.extracted for t in todo], wd, strategy=_strategy(trials_per_task), seed=seed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -60,7 +61,7 @@ def _cmd_spaces(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from codesign import __version__
-    from codesign.cli import lut
+    from codesign.cli import latency, lut
 
     parser = argparse.ArgumentParser(
         prog="codesign",
@@ -81,10 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_spaces)
 
     lut.register(sub)
+    latency.register(sub)
     return parser
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # same clean-up path as Ctrl-C (workers reaped, rows kept)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

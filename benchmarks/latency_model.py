@@ -1,0 +1,136 @@
+"""Whole-network latency prediction on x86: LUT only vs linear-on-FLOPs vs LUT + XGBoost residual.
+
+    python benchmarks/latency_model.py --quick     # tiny space, untuned LUT, 60 networks
+    python benchmarks/latency_model.py             # proxyless space, tuned LUT, 160 networks
+
+Builds (or resumes) the LUT, measures sampled whole networks with the same protocol, fits on a
+seeded split, and reports RMSPE, MAPE and the share within +-5% / +-10% on held-out networks.
+The noise floor is the spread of one network measured 5 times during the run.
+Writes benchmarks/results/latency_model.json (latency_model_quick.json with --quick) and the
+predicted-vs-measured scatter plot next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, machine, write_result  # noqa: E402
+
+from codesign.latency.fit import fit_latency_model, held_out  # noqa: E402
+from codesign.latency.networks import compile_network, measure_networks, sample_archs  # noqa: E402
+from codesign.latency.plot import scatter  # noqa: E402
+from codesign.lut_build import build_lut  # noqa: E402
+from codesign.measurement import MeasureProtocol  # noqa: E402
+from codesign.search.space import get_space  # noqa: E402
+from codesign.targets import parse_target  # noqa: E402
+
+
+def noise_floor(space, target, db, arch, mode: str, protocol, times: int = 5) -> dict:
+    from codesign.tvm_backend.database import open_tuning_database
+    from codesign.tvm_backend.runner import LocalRunner
+
+    database = open_tuning_database(db, target.key) if mode == "tuned" else None
+    built, _ = compile_network(space, arch, target, database=database)
+    runner = LocalRunner()
+    samples = []
+    for _ in range(times):
+        samples.append(runner.run(built, protocol).median_ms)
+        time.sleep(1.0)
+    med = statistics.median(samples)
+    return {
+        "arch": arch.encode(),
+        "times": times,
+        "median_ms": round(med, 5),
+        "samples_ms": [round(s, 5) for s in samples],
+        "spread": round((max(samples) - min(samples)) / med, 4),
+        "cv": round(statistics.pstdev(samples) / statistics.mean(samples), 4),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--space", default=None)
+    ap.add_argument("--networks", type=int, default=None)
+    ap.add_argument("--trials", type=int, default=None, help="0: untuned LUT")
+    ap.add_argument("--test-fraction", type=float, default=0.33)
+    ap.add_argument("--db", default=None, help="LUT file (default: out/bench/<space>.sqlite)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    space = get_space(args.space or ("tiny" if args.quick else "proxyless"))
+    n = args.networks or (60 if args.quick else 160)
+    trials = args.trials if args.trials is not None else (0 if args.quick else 32)
+    mode = "tuned" if trials > 0 else "untuned"
+    target = parse_target("x86")
+    db = Path(args.db or f"out/bench/{space.name}.sqlite")
+    protocol = MeasureProtocol()
+    info = machine()
+    t0 = time.time()
+    build_lut(space, target, db, trials=trials, protocol=protocol)
+    t1 = time.time()
+    archs = sample_archs(space, n, args.seed)
+    rep = measure_networks(
+        space, target, db, archs, mode=mode, trials=trials, protocol=protocol, seed=args.seed
+    )
+    t2 = time.time()
+    model, report = fit_latency_model(
+        db,
+        space,
+        target,
+        mode=mode,
+        archs=archs,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        trials=trials,
+    )
+    name = "latency_model_quick" if args.quick else "latency_model"
+    model.save(Path("out/bench") / f"{name}.model.json")
+    _, meas, preds = held_out(model, db)
+    plot = scatter(
+        RESULTS / f"{name}.png",
+        meas,
+        {k: preds[k] for k in ("lut_only", "lut_xgb")},
+        f"{space.name} on {target.key} ({mode}): {len(meas)} held-out networks",
+    )
+    floor = noise_floor(space, target, db, archs[0], mode, protocol)
+    result = {
+        "target": target.key,
+        "space": space.name,
+        "mode": mode,
+        "trials_per_task": trials,
+        "n_train": report.n_train,
+        "n_test": report.n_test,
+        "noise_floor": floor,
+        "residual_form": report.form,
+        "cv_rmspe": report.cv_rmspe,
+        **{
+            k: {m: round(v, 4) for m, v in report.test[k].items() if m != "n"}
+            for k in ("lut_only", "flops_linear", "lut_xgb")
+        },
+        "train_fit": {k: round(v["rmspe"], 4) for k, v in report.train.items()},
+        "networks_measured_this_run": rep.measured,
+        "networks_failed": len(rep.failed),
+        "seconds": {"lut": round(t1 - t0, 1), "networks": round(t2 - t1, 1)},
+        "protocol": protocol.to_dict(),
+        "machine": info,
+        "plot": plot.name,
+    }
+    write_result(name, result)
+    for k in ("lut_only", "flops_linear", "lut_xgb"):
+        r = result[k]
+        print(
+            f"{k:<13} RMSPE {r['rmspe']:.2%}  MAPE {r['mape']:.2%}  within5 {r['within5']:.0%}  "
+            f"within10 {r['within10']:.0%}"
+        )
+    print(f"noise floor: {floor['times']} runs of one network spread {floor['spread']:.2%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Measure whole networks on a target, with the LUT's protocol, into the LUT's `networks` table.
+
+A network is lowered and compiled exactly like the blocks of its LUT (same recipe, same tuning
+records for tuned mode: its tasks are the blocks' tasks; any task the records lack is tuned
+with the same budget first). Rows are committed one by one, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from codesign.arch import Arch
+from codesign.lut import LatencyTable
+from codesign.lut_build import provenance_for
+from codesign.measurement import Measurement, MeasureProtocol
+from codesign.search.space import SearchSpace, get_space
+from codesign.targets import Target, parse_target
+
+
+@dataclass
+class NetworkReport:
+    requested: int
+    measured: int = 0
+    reused: int = 0
+    failed: list[str] = field(default_factory=list)
+    tuned_tasks: int = 0
+    seconds: float = 0.0
+
+
+def compile_network(
+    space: SearchSpace,
+    arch: Arch,
+    target: Target,
+    *,
+    seed: int = 0,
+    database: Any = None,
+    trials: int = 0,
+) -> tuple[Any, str]:
+    """Lower + compile one network; returns (Built, tuning digest). Tunes missing tasks."""
+    from codesign.modules import build_network
+    from codesign.tvm_backend.build import compile_module, prepare
+    from codesign.tvm_backend.lower import lower_module
+
+    low = lower_module(
+        build_network(space, arch, seed=seed), (1, *space.input_shape), label=arch.encode()
+    )
+    fused = prepare(low.mod)
+    digest = ""
+    if database is not None:
+        from codesign.tvm_backend.tuning import extract_tasks, tune
+
+        taskset = extract_tasks({arch.encode(): fused}, target)
+        if trials > 0:
+            tune(taskset, target, database, trials_per_task=trials, seed=seed)
+        digest = database.digest(taskset.mods_of(arch.encode()))
+    return compile_module(low, target, database, fused=fused), digest
+
+
+def measure_networks(
+    space: str | SearchSpace,
+    target: str | Target,
+    db: str | Path,
+    archs: Sequence[Arch],
+    *,
+    mode: str = "untuned",
+    trials: int = 0,
+    protocol: MeasureProtocol | None = None,
+    seed: int = 0,
+    runner: Any = None,
+    progress: bool = True,
+) -> NetworkReport:
+    """Measure `archs` whole; valid rows (same provenance) are reused, not re-measured."""
+    from tqdm import tqdm
+
+    from codesign.tvm_backend.runner import LocalRunner
+
+    space, target = get_space(space), parse_target(target)
+    protocol = protocol or MeasureProtocol()
+    runner = runner or LocalRunner(seed=seed)
+    report = NetworkReport(len(archs))
+    t0 = time.time()
+    database = None
+    if mode == "tuned":
+        from codesign.tvm_backend.database import open_tuning_database
+
+        database = open_tuning_database(db, target.key)
+    table = LatencyTable(db)
+    try:
+        bar = tqdm(
+            archs,
+            desc=f"networks {mode}",
+            unit="net",
+            disable=not progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        for arch in bar:
+            space.validate(arch)
+            key = arch.encode()
+            old = table.get_network(target.key, key, mode)
+            if old is not None and old.ok and mode == "untuned":
+                prov = provenance_for(target, tuned=False, tuning_digest="", protocol=protocol)
+                if old.provenance.digest == prov.digest:
+                    report.reused += 1
+                    continue
+            built, digest = compile_network(
+                space, arch, target, seed=seed, database=database, trials=trials
+            )
+            prov = provenance_for(
+                target,
+                tuned=mode == "tuned",
+                tuning_digest=digest,
+                protocol=protocol,
+                emulated=bool(getattr(runner, "emulated", False)),
+            )
+            if old is not None and old.ok and old.provenance.digest == prov.digest:
+                report.reused += 1
+                continue
+            m: Measurement = runner.run(built, protocol)
+            table.put_network(target.key, key, mode, m, prov, tuning_digest=digest)
+            if m.ok:
+                report.measured += 1
+                bar.set_postfix_str(f"{m.median_ms:.3f} ms")
+            else:
+                report.failed.append(f"{key}: {m.error}")
+    finally:
+        table.close()
+        report.seconds = time.time() - t0
+    return report
+
+
+def sample_archs(space: SearchSpace, n: int, seed: int) -> list[Arch]:
+    """`n` distinct architectures: uniform random samples from a seeded generator."""
+    import random
+
+    rng = random.Random(seed)
+    seen: dict[str, Arch] = {}
+    tries = 0
+    while len(seen) < min(n, space.size()) and tries < 100 * n:
+        arch = space.sample(rng)
+        seen.setdefault(arch.encode(), arch)
+        tries += 1
+    return list(seen.values())

@@ -1,0 +1,192 @@
+"""The latency model: LUT sum + XGBoost residual, on real measurements of the tiny space."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from codesign.blocks import BlockSpec
+from codesign.latency.fit import fit_latency_model, held_out
+from codesign.latency.model import LatencyModel, LatencyModelError
+from codesign.latency.networks import measure_networks, sample_archs
+from codesign.lut import LatencyTable
+from codesign.lut_build import build_lut
+from codesign.measurement import Measurement, MeasureProtocol
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory, tiny, x86):
+    """A full untuned tiny LUT and 14 measured networks (quick protocol)."""
+    db = tmp_path_factory.mktemp("latency") / "lut.sqlite"
+    proto = MeasureProtocol(repeat=5, min_repeat_ms=5)
+    build_lut(tiny, x86, db, protocol=proto, progress=False)
+    archs = sample_archs(tiny, 14, seed=0)
+    rep = measure_networks(tiny, x86, db, archs, protocol=proto, progress=False)
+    assert rep.measured == 14 and not rep.failed
+    return db, archs
+
+
+def test_network_measurement_is_resumable(measured, tiny, x86) -> None:
+    db, archs = measured
+    rep = measure_networks(
+        tiny,
+        x86,
+        db,
+        archs[:3],
+        protocol=MeasureProtocol(repeat=5, min_repeat_ms=5),
+        progress=False,
+    )
+    assert (rep.measured, rep.reused) == (0, 3)
+    with LatencyTable(db) as t:
+        nets = t.networks(x86.key, "untuned")
+    assert {e.key for e in nets} >= {a.encode() for a in archs}
+    assert all(e.ok and e.median_ms > 0 for e in nets)
+
+
+def test_lut_only_model(measured, tiny, x86) -> None:
+    db, archs = measured
+    m = LatencyModel.from_lut(db, tiny, x86)
+    assert m.mode == "untuned"
+    arch = archs[0]
+    lut_sum = sum(m.block_ms(b) for b in tiny.arch_blocks(arch))
+    assert m.lut_sum(arch) == pytest.approx(lut_sum)
+    assert m.predict(arch) == pytest.approx(lut_sum)  # no residual yet
+    assert np.allclose(m.predict_many(archs[:3]), [m.lut_sum(a) for a in archs[:3]])
+
+
+def test_expected_is_differentiable_and_matches_lut_sum(measured, tiny, x86) -> None:
+    db, archs = measured
+    m = LatencyModel.from_lut(db, tiny, x86)
+    arch = archs[1]
+    one_hot = [
+        torch.tensor([1.0 if c == t else 0.0 for c in layer.candidates])
+        for layer, t in zip(tiny.layers(), arch.choices, strict=True)
+    ]
+    assert float(m.expected(one_hot)) == pytest.approx(m.lut_sum(arch), rel=1e-6)
+    logits = [torch.zeros(len(layer.candidates), requires_grad=True) for layer in tiny.layers()]
+    e = m.expected([torch.softmax(lg, -1) for lg in logits])
+    e.backward()
+    # d E / d logit points to the slower ops: the slowest candidate gets the largest gradient
+    for lg, table in zip(logits, m.layer_tables(), strict=True):
+        assert int(torch.argmax(lg.grad)) == int(np.argmax(table))
+    with pytest.raises(LatencyModelError, match="probability vectors"):
+        m.expected(one_hot[:-1])
+
+
+def test_fit_save_load_and_provenance_refusal(measured, tiny, x86, tmp_path: Path) -> None:
+    db, archs = measured
+    model, report = fit_latency_model(db, tiny, x86, test_fraction=0.3, seed=0)
+    assert report.n_train + report.n_test == 14 and report.form in ("diff", "logratio")
+    assert set(report.test) == {"lut_only", "flops_linear", "lut_xgb"}
+    for res in report.test.values():
+        assert 0 <= res["within10"] <= res["within10"] <= 1 and res["rmspe"] >= 0
+    path = model.save(tmp_path / "model.json")
+    again = LatencyModel.load(path, db)
+    assert again.predict(archs[2]) == pytest.approx(model.predict(archs[2]))
+    _, meas, preds = held_out(again, db)
+    assert len(meas) == report.n_test and set(preds) == {"lut_only", "flops_linear", "lut_xgb"}
+    # the LUT changes under the model: loading against it is refused, the snapshot still works
+    copy = tmp_path / "snap.sqlite"
+    with LatencyTable(db) as src:
+        src.con.execute("VACUUM INTO ?", (str(copy),))
+    with LatencyTable(copy) as t:
+        e = t.entries(x86.key, "untuned")[0]
+        t.put(x86.key, e.key, "untuned", Measurement.from_samples([1.0]), e.provenance)
+    with pytest.raises(LatencyModelError, match="different LUT state"):
+        LatencyModel.load(path, copy)
+    assert LatencyModel.load(path).predict(archs[2]) == pytest.approx(model.predict(archs[2]))
+
+
+def test_missing_blocks_policies(measured, tiny, x86) -> None:
+    db, _ = measured
+    pruned = BlockSpec("mb", 5, 16, 16, 1, 7, 7, mid=40)  # a shape the space never produces
+    with pytest.raises(LatencyModelError, match="no LUT entry"):
+        LatencyModel.from_lut(db, tiny, x86, missing="error").block_ms(pruned)
+    predicted = LatencyModel.from_lut(db, tiny, x86, missing="predict").block_ms(pruned)
+    assert 0 < predicted < 10
+    m = LatencyModel.from_lut(db, tiny, x86, missing="measure")
+    measured_ms = m.block_ms(pruned)
+    with LatencyTable(db) as t:
+        entry = t.get(x86.key, pruned, "untuned")
+    assert entry is not None and entry.median_ms == pytest.approx(measured_ms)
+    net = list(tiny.arch_blocks(tiny.uniform("k5e3")))
+    net[3] = pruned
+    assert m.predict_blocks(net) > 0
+
+
+def test_incomplete_lut_is_refused(tmp_path: Path, tiny, x86) -> None:
+    db = tmp_path / "partial.sqlite"
+    build_lut(
+        tiny, x86, db, blocks=tiny.blocks()[:2], protocol=MeasureProtocol.quick(), progress=False
+    )
+    with pytest.raises(LatencyModelError, match="lacks 37 of 39 blocks"):
+        LatencyModel.from_lut(db, tiny, x86)
+
+
+def test_cli_fit_eval_predict(measured, tmp_path: Path) -> None:
+    db, archs = measured
+    cli = [sys.executable, "-m", "codesign.cli.main", "latency"]
+    out = tmp_path / "m.json"
+    r = subprocess.run(
+        [
+            *cli,
+            "fit",
+            "--db",
+            str(db),
+            "--space",
+            "tiny",
+            "--target",
+            "x86",
+            "--networks",
+            "14",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--repeat",
+            "5",
+            "--min-repeat-ms",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "14 reused" in r.stdout and "lut_xgb" in r.stdout
+    r = subprocess.run(
+        [*cli, "eval", "--model", str(out), "--db", str(db), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert Path(res["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = subprocess.run(
+        [*cli, "predict", "--model", str(out), archs[0].encode()],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0 and "ms" in r.stdout
+    bad = subprocess.run(
+        [*cli, "predict", "--model", str(out), "tiny:k9e9"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "k9e9" in bad.stderr
+
+
+def test_sampled_architectures_are_distinct_and_seeded(tiny) -> None:
+    a, b = sample_archs(tiny, 30, seed=3), sample_archs(tiny, 30, seed=3)
+    assert a == b and len({x.encode() for x in a}) == 30
+    assert sample_archs(tiny, 30, seed=4) != a
+    assert random.Random(0) is not None
