@@ -1,0 +1,178 @@
+"""Pipeline configuration: one frozen value, read from TOML, with an embedded default.
+
+    [task]      space, dataset, seed
+    [target]    target spec(s), latency budget in ms
+    [lut]       MetaSchedule trials per unique task (0 = TVM's default schedules), LUT file
+    [latency]   how many whole networks to measure for the latency model
+    [search]    strategy, supernet epochs, retrain epochs
+    [compress]  none | amc | haq, episodes
+    [compile]   tuning trials for the final network (default: the LUT's budget)
+
+The embedded default (no file) is the tiny space on mnist5k for this machine's x86 CPU, sized to
+finish in about 15 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from codesign.errors import CodesignError
+
+
+class ConfigError(CodesignError, ValueError):
+    """A pipeline configuration that cannot be used."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskConfig:
+    space: str = "tiny"
+    dataset: str = "mnist5k"
+    seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TargetConfig:
+    targets: tuple[str, ...] = ("x86",)
+    latency_ms: float | None = None  # None: derived from the LUT (see pipeline.budget)
+    budget_fraction: float = 0.6  # used when latency_ms is None
+
+
+@dataclass(frozen=True, slots=True)
+class LutConfig:
+    trials: int = 0
+    db: str = "lut.sqlite"  # relative to the output directory unless absolute
+    repeat: int = 10
+    min_repeat_ms: int = 50
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyConfig:
+    networks: int = 30
+    test_fraction: float = 0.33
+
+
+@dataclass(frozen=True, slots=True)
+class SearchConfig:
+    strategy: str = "proxyless"
+    epochs: int = 4
+    retrain_epochs: int = 6
+
+
+@dataclass(frozen=True, slots=True)
+class CompressConfig:
+    method: str = "none"  # none | amc | haq
+    episodes: int = 20
+    finetune_epochs: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class CompileConfig:
+    trials: int | None = None  # None: the LUT's trials
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    lut: LutConfig = field(default_factory=LutConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def digest(self, *sections: str) -> str:
+        """Digest of the named sections (all if none): a stage's configuration identity."""
+        d = self.to_dict()
+        chosen = {k: d[k] for k in (sections or d)}
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+    def validate(self) -> PipelineConfig:
+        from codesign.search.space import get_space
+        from codesign.targets import parse_target
+
+        get_space(self.task.space)
+        for t in self.target.targets:
+            parse_target(t)
+        if not self.target.targets:
+            raise ConfigError("[target] targets must name at least one target")
+        if self.target.latency_ms is not None and self.target.latency_ms <= 0:
+            raise ConfigError("[target] latency_ms must be positive")
+        if not 0 < self.target.budget_fraction <= 1:
+            raise ConfigError("[target] budget_fraction must be in (0, 1]")
+        if self.compress.method not in ("none", "amc", "haq"):
+            raise ConfigError(
+                f"[compress] method must be none, amc or haq, got {self.compress.method!r}"
+            )
+        if self.search.strategy not in ("proxyless", "evolution"):
+            raise ConfigError("[search] strategy must be proxyless or evolution")
+        for name, value in (
+            ("lut.trials", self.lut.trials),
+            ("latency.networks", self.latency.networks),
+            ("search.epochs", self.search.epochs),
+        ):
+            if value < 0:
+                raise ConfigError(f"{name} must be >= 0")
+        if self.latency.networks and self.latency.networks < 8:
+            raise ConfigError("[latency] networks must be 0 (LUT-only model) or at least 8")
+        return self
+
+
+_SECTIONS = {f.name: f.type for f in fields(PipelineConfig)}
+_CLASSES = {
+    "task": TaskConfig,
+    "target": TargetConfig,
+    "lut": LutConfig,
+    "latency": LatencyConfig,
+    "search": SearchConfig,
+    "compress": CompressConfig,
+    "compile": CompileConfig,
+}
+
+
+def from_dict(data: dict[str, Any]) -> PipelineConfig:
+    """Build a config from nested dicts (TOML tables); unknown keys are errors, not ignored."""
+    cfg = PipelineConfig()
+    for section, values in data.items():
+        cls = _CLASSES.get(section)
+        if cls is None:
+            raise ConfigError(f"unknown section [{section}]; known: {', '.join(_CLASSES)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] must be a table")
+        known = {f.name for f in fields(cls)}
+        bad = set(values) - known
+        if bad:
+            raise ConfigError(
+                f"unknown key(s) {', '.join(sorted(bad))} in [{section}]; known: "
+                f"{', '.join(sorted(known))}"
+            )
+        values = dict(values)
+        if section == "target" and "targets" in values:
+            t = values["targets"]
+            values["targets"] = (t,) if isinstance(t, str) else tuple(t)
+        try:
+            cfg = replace(cfg, **{section: cls(**{**asdict(getattr(cfg, section)), **values})})
+        except TypeError as err:
+            raise ConfigError(f"[{section}]: {err}") from None
+    return cfg.validate()
+
+
+def load_config(path: str | Path | None) -> PipelineConfig:
+    """Read a TOML config file; None gives the embedded default."""
+    if path is None:
+        return PipelineConfig().validate()
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from None
+    return from_dict(data)

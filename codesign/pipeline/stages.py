@@ -1,0 +1,106 @@
+"""Cached, resumable pipeline stages.
+
+A stage is a function of its inputs (a JSON-able dict: the config sections it reads and the
+digests of the upstream outputs it uses) that writes into its own work directory and returns a
+JSON-able dict of outputs. Its record, DIR/stages/<name>.json, holds the inputs' digest:
+re-running skips a stage whose digest matches a completed record; a stage whose inputs changed
+is re-run (its work directory cleared), and since downstream inputs include upstream outputs,
+everything that depends on it is re-run too. A stage interrupted half-way keeps its work
+directory, so stages that checkpoint (LUT rows, training epochs) resume where they stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+
+def digest_of(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class StageRecord:
+    name: str
+    inputs_digest: str
+    inputs: dict[str, Any]
+    outputs: dict[str, Any]
+    completed: bool
+    seconds: float
+    finished_at: str = ""
+
+
+class StageRunner:
+    """Runs named stages under `out_dir/stages`, skipping those already done with the same inputs."""
+
+    def __init__(self, out_dir: str | Path, log: Callable[[str], None] | None = None) -> None:
+        self.out = Path(out_dir)
+        self.root = self.out / "stages"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+
+    def record(self, name: str) -> StageRecord | None:
+        path = self.root / f"{name}.json"
+        if not path.exists():
+            return None
+        try:
+            return StageRecord(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError):
+            return None  # a damaged record only means the stage runs again
+
+    def workdir(self, name: str) -> Path:
+        return self.root / name
+
+    def run(
+        self, name: str, inputs: dict[str, Any], fn: Callable[[Path], dict[str, Any]]
+    ) -> dict[str, Any]:
+        digest = digest_of(inputs)
+        rec = self.record(name)
+        work = self.workdir(name)
+        if rec is not None and rec.completed and rec.inputs_digest == digest:
+            self.log(f"[{name}] up to date (inputs {digest}), skipped")
+            self.skipped.append(name)
+            return rec.outputs
+        if rec is not None and rec.inputs_digest != digest and work.exists():
+            self.log(f"[{name}] inputs changed ({rec.inputs_digest} -> {digest}): starting over")
+            shutil.rmtree(work)
+        elif work.exists():
+            self.log(f"[{name}] resuming")
+        else:
+            self.log(f"[{name}] running")
+        work.mkdir(parents=True, exist_ok=True)
+        self._write(StageRecord(name, digest, inputs, {}, False, 0.0))
+        t0 = time.time()
+        outputs = fn(work)
+        seconds = time.time() - t0
+        self._write(
+            StageRecord(
+                name, digest, inputs, outputs, True, seconds, time.strftime("%Y-%m-%dT%H:%M:%S")
+            )
+        )
+        self.log(f"[{name}] done in {seconds:.0f} s")
+        self.ran.append(name)
+        return outputs
+
+    def _write(self, rec: StageRecord) -> None:
+        path = self.root / f"{rec.name}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(rec), indent=2, default=str))
+        tmp.replace(path)
