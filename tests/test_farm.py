@@ -1,0 +1,191 @@
+"""The device farm: config, bounded tracker client, supervisor, CLI (real tracker + servers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from farm_helpers import farm_config, free_ports, server_proc, wait_for
+
+from codesign.errors import FarmError, NoServerError
+from codesign.farm.config import load_config
+from codesign.farm.procs import Proc, read_events
+from codesign.farm.scheduler import classify, key_is_emulated
+from codesign.farm.supervisor import read_state
+from codesign.farm.tracker import RequestTimeout, TrackerClient, TrackerUnavailable
+
+TOML = """
+[tracker]
+port = 9290
+[farm]
+state_dir = "{state}"
+[timeouts]
+job = 15
+[retries]
+attempts = 4
+[[servers]]
+key = "x86"
+count = 2
+port = 9300
+[[servers]]
+key = "arm64"
+port = 9370
+emulator = "arm64"
+"""
+
+
+def test_config_file_and_bad_configs(tmp_path: Path) -> None:
+    path = tmp_path / "farm.toml"
+    path.write_text(TOML.format(state=tmp_path / "st"))
+    cfg = load_config(path)
+    assert cfg.tracker == "127.0.0.1:9290" and cfg.state_dir == tmp_path / "st"
+    assert cfg.timeouts.job == 15.0 and cfg.timeouts.request == 30.0 and cfg.retries.attempts == 4
+    assert [n for g in cfg.servers for n in g.names()] == [
+        ("x86-0", 9300),
+        ("x86-1", 9301),
+        ("arm64-0", 9370),
+    ]
+    assert key_is_emulated(cfg, "127.0.0.1:9290", "arm64")
+    assert not key_is_emulated(cfg, "127.0.0.1:9290", "x86")
+    assert load_config(None).servers[0].key == "x86"
+    for bad, msg in [
+        ("[timeouts]\njobs = 3\n", "unknown option"),
+        ("[[servers]]\nkey='a'\nport=9100\ncount=2\n[[servers]]\nkey='b'\nport=9101\n", "overlap"),
+        ("[[servers]]\nkey='a'\nemulator='riscv'\n", "emulator"),
+        ("[tracker\n", "not valid TOML"),
+        ("[farms]\n", "unknown section"),
+    ]:
+        path.write_text(bad)
+        with pytest.raises(FarmError, match=msg):
+            load_config(path)
+    with pytest.raises(FarmError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_error_classification() -> None:
+    assert classify("InternalError", "Check failed: code == kReturn: code=kShutdown") == "retry"
+    assert classify("RPCSessionTimeoutError", "Your 4.0s session has expired") == "retry"
+    assert classify("InternalError", "SockChannel::Recv Error:Connection reset by peer") == "retry"
+    assert classify("TrackerUnavailable", "refused") == "tracker"
+    assert classify("RequestTimeout", "no server") == "retry"
+    assert classify("TVMError", "Failed to load dynamic shared library x.so") == "fatal"
+
+
+def test_tracker_down_is_a_clear_error_fast() -> None:
+    port = free_ports(1)
+    t0 = time.time()
+    with pytest.raises(TrackerUnavailable, match="codesign farm up"):
+        TrackerClient("127.0.0.1", port, timeout=2.0).summary()
+    assert time.time() - t0 < 3.0
+
+
+@pytest.mark.rpc
+def test_unknown_key_fails_fast_and_requests_are_bounded(tmp_path: Path, farm_factory) -> None:
+    cfg = farm_factory(farm_config(tmp_path / "farm", servers=1))
+    client = TrackerClient("127.0.0.1", cfg.tracker_port, timeout=cfg.timeouts.socket)
+    t0 = time.time()
+    with pytest.raises(NoServerError, match="no RPC server with key 'nope'.*keys there: x86"):
+        client.check_key("nope")
+    # a key nobody serves: TVM's own request would block forever; ours gives up on time
+    with pytest.raises(RequestTimeout, match="within 1.5 s"):
+        client.request("nope", timeout=1.5)
+    assert time.time() - t0 < cfg.timeouts.socket + 2.5
+    # the scheduler and LUT building refuse before compiling anything
+    from codesign.farm.measure import FarmSpec, Item, measure_many
+    from codesign.measurement import MeasureProtocol
+
+    def never() -> None:
+        raise AssertionError("compiled although the key has no server")
+
+    t0 = time.time()
+    with pytest.raises(NoServerError):
+        measure_many(
+            [Item("x", never)], MeasureProtocol.quick(), FarmSpec(cfg.tracker, "nope", cfg), print
+        )
+    assert time.time() - t0 < cfg.timeouts.socket
+    a = client.request("x86", timeout=5.0)
+    assert a.port == cfg.servers[0].port and a.key == "x86"
+
+
+@pytest.mark.rpc
+def test_cli_up_status_down_and_supervised_restart(tmp_path: Path) -> None:
+    """`codesign farm up/status/down` from separate processes; a killed server is restarted."""
+    base = free_ports(3)
+    state = tmp_path / "st"
+    (tmp_path / "farm.toml").write_text(
+        f"[tracker]\nport = {base}\n[farm]\nstate_dir = '{state}'\n"
+        "[timeouts]\nhealth_interval = 0.5\n"
+        f"[[servers]]\nkey = 'x86'\ncount = 2\nport = {base + 1}\n"
+    )
+    cli = [sys.executable, "-m", "codesign.cli.main", "farm"]
+    conf = ["--config", str(tmp_path / "farm.toml")]
+    try:
+        up = subprocess.run([*cli, "up", *conf], capture_output=True, text=True, timeout=120)
+        assert up.returncode == 0, up.stderr
+        assert "x86-0" in up.stdout and "healthy" in up.stdout
+        out = subprocess.run(
+            [*cli, "status", *conf, "--json"], capture_output=True, text=True, timeout=60
+        )
+        st = json.loads(out.stdout)
+        assert st["tracker_ok"] and st["supervisor_running"]
+        assert st["keys"] == [{"key": "x86", "total": 2, "free": 2, "pending": 0}]
+        again = subprocess.run([*cli, "up", *conf], capture_output=True, text=True, timeout=60)
+        assert again.returncode == 2 and "already running" in again.stderr
+
+        cfg = load_config(tmp_path / "farm.toml")
+        victim = server_proc(cfg, "x86-1")
+        assert len(victim.tree()) == 2  # rpc_server -> popen_worker
+        victim.kill_tree()
+        wait_for(
+            lambda: (
+                server_proc(cfg, "x86-1") != victim
+                and read_state(state)["servers"][1]["health"] == "healthy"
+            ),
+            60,
+            "the supervisor to restart the killed server",
+        )
+        events = [e["message"] for e in read_events(state)[0] if e["kind"] == "restart"]
+        assert any("x86-1: process exited" in m for m in events)
+        out = subprocess.run([*cli, "status", *conf], capture_output=True, text=True, timeout=60)
+        assert "x86-1" in out.stdout and "process exited" in out.stdout
+        recorded = [Proc.from_dict(s["proc"]) for s in read_state(state)["servers"]]
+        recorded.append(Proc.from_dict(read_state(state)["tracker"]["proc"]))
+    finally:
+        down = subprocess.run([*cli, "down", *conf], capture_output=True, text=True, timeout=60)
+    assert down.returncode == 0, down.stderr
+    assert not any(p.alive for p in recorded), "a farm process survived `farm down`"
+
+
+@pytest.mark.rpc
+def test_zombie_server_after_session_crash_is_restarted(tmp_path: Path, farm_factory) -> None:
+    """Killing only the per-session child leaves TVM's server alive but de-registered for good
+    (a zombie); health is judged by registration, so the supervisor restarts it."""
+    from codesign.tvm_backend.rpc_runner import RemoteJob  # noqa: F401  (import cost up front)
+
+    cfg = farm_factory(farm_config(tmp_path / "farm", servers=1))
+    client = TrackerClient("127.0.0.1", cfg.tracker_port)
+    a = client.request("x86", timeout=10)
+    from tvm import rpc
+
+    sess = rpc.connect(a.host, a.port, a.matchkey, session_timeout=30)
+    proc = server_proc(cfg, "x86-0")
+    wait_for(lambda: len(proc.tree()) >= 3, 10, "the session child")
+    os.kill(proc.tree()[-1].pid, signal.SIGKILL)
+    del sess
+    wait_for(
+        lambda: (
+            read_state(cfg.state_dir)["servers"][0]["restarts"] >= 1
+            and read_state(cfg.state_dir)["servers"][0]["health"] == "healthy"
+        ),
+        60,
+        "the zombie server to be restarted",
+    )
+    assert any("zombie" in e["message"] for e in read_events(cfg.state_dir)[0])
+    assert np.isfinite(client.summary().status("x86").total)
