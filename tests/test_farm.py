@@ -189,3 +189,98 @@ def test_zombie_server_after_session_crash_is_restarted(tmp_path: Path, farm_fac
     )
     assert any("zombie" in e["message"] for e in read_events(cfg.state_dir)[0])
     assert np.isfinite(client.summary().status("x86").total)
+
+
+@pytest.mark.rpc
+def test_rpc_runner_matches_local_runner(tmp_path: Path, farm_factory, tiny) -> None:
+    """Same library, same input: the output over RPC equals the local one, and the server's
+    time_evaluator is of the same order as the local one (a loose bound: the machine is shared
+    and noisy; benchmarks/farm.py measures the agreement in interleaved rounds)."""
+    import tvm
+    from tvm import relax
+
+    from codesign.measurement import MeasureProtocol
+    from codesign.targets import parse_target
+    from codesign.tvm_backend.build import compile_module
+    from codesign.tvm_backend.lower import lower_block
+    from codesign.tvm_backend.rpc_runner import RPCRunner
+    from codesign.tvm_backend.runner import LocalRunner
+
+    cfg = farm_factory(farm_config(tmp_path / "farm", servers=1))
+    block = tiny.layers()[1].block("k5e6")
+    built = compile_module(lower_block(block), parse_target("x86:threads=1"))
+    x = np.random.default_rng(0).standard_normal(built.input_shape).astype("float32")
+    runner = RPCRunner(cfg.tracker, "x86", config=cfg)
+    assert not runner.emulated
+    proto = MeasureProtocol(repeat=5, min_repeat_ms=50)
+    res = runner.run_checked(built, proto, input_array=x)
+    assert res.measurement.ok, res.measurement.error
+    assert runner.last_server == f"127.0.0.1:{cfg.servers[0].port}"
+    local_out = relax.VirtualMachine(built.executable, tvm.cpu())["main"](tvm.runtime.tensor(x))
+    np.testing.assert_allclose(res.output, local_out.numpy(), rtol=1e-5, atol=1e-6)
+    local = LocalRunner().run(built, proto)
+    ratio = res.measurement.median_ms / local.median_ms
+    assert 1 / 3 < ratio < 3, (res.measurement.median_ms, local.median_ms)
+
+
+@pytest.mark.rpc
+def test_tuning_guards_fail_fast(tmp_path: Path, farm_factory, tiny, x86) -> None:
+    """Farm tuning checks the key before MetaSchedule starts (its RPCRunner would hang) and
+    refuses emulated devices."""
+    from codesign.errors import TuningError
+    from codesign.farm.measure import FarmSpec
+    from codesign.lut_build import build_lut
+    from codesign.measurement import MeasureProtocol
+
+    cfg = farm_factory(farm_config(tmp_path / "farm", servers=1))
+    lut = tmp_path / "lut.sqlite"
+    block = [tiny.layers()[3].block("k3e3")]
+    kw = {"trials": 2, "protocol": MeasureProtocol.quick(), "blocks": block, "progress": False}
+    t0 = time.time()
+    with pytest.raises(NoServerError, match="'nope'"):
+        build_lut(tiny, x86, lut, farm=FarmSpec(cfg.tracker, "nope", cfg), **kw)
+    assert time.time() - t0 < 60
+    with pytest.raises(TuningError, match="emulated"):
+        build_lut(tiny, x86, lut, farm=FarmSpec(cfg.tracker, "x86", cfg, emulated=True), **kw)
+    from codesign.lut import LatencyTable
+
+    with LatencyTable(lut) as t:
+        assert t.count_tuning_records(x86.key) == 0 and not t.entries()
+
+
+@pytest.mark.slow
+@pytest.mark.rpc
+def test_tuning_through_the_farm(tmp_path: Path, farm_factory, tiny, x86) -> None:
+    """MetaSchedule's RPCRunner on the farm, guarded: real trials are measured on the servers
+    and stored; no popen worker outlives the run (~90 s)."""
+    import psutil
+
+    from codesign.farm.measure import FarmSpec
+    from codesign.lut import LatencyTable
+    from codesign.lut_build import build_lut
+    from codesign.measurement import MeasureProtocol
+
+    cfg = farm_factory(farm_config(tmp_path / "farm", servers=2))
+    lut = tmp_path / "lut.sqlite"
+    block = [tiny.layers()[3].block("k3e3")]
+    r = build_lut(
+        tiny,
+        x86,
+        lut,
+        trials=2,
+        protocol=MeasureProtocol.quick(),
+        blocks=block,
+        progress=False,
+        farm=FarmSpec(cfg.tracker, "x86", cfg),
+    )
+    assert r.valid_records > 0 and r.measured == 1 and not r.failed, r
+    with LatencyTable(lut) as t:
+        assert t.count_tuning_records(x86.key) >= r.valid_records
+        (entry,) = t.entries(x86.key, "tuned")
+    assert entry.provenance.tuned and entry.tuning_digest
+    strays = [
+        p
+        for p in psutil.Process().children(recursive=False)
+        if "popen_worker" in " ".join(p.cmdline())
+    ]
+    assert not strays, "MetaSchedule popen workers outlived the tuning run"

@@ -48,8 +48,8 @@ def export_so(mod: Any, cross_cc: str | None) -> str:
 
     from tvm.support import cc
 
-    fd, path = tempfile.mkstemp(suffix=".so", prefix="codesign-ms-")
-    os.close(fd)
+    # its own directory: MetaSchedule removes the artifact's *parent directory* after running it
+    path = os.path.join(tempfile.mkdtemp(prefix="codesign-ms-"), "tvm_tmp_mod.so")
     kwargs = {"fcompile": cc.cross_compiler(cross_cc)} if cross_cc else {}
     mod.export_library(path, **kwargs)
     return path
