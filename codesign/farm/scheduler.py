@@ -121,9 +121,13 @@ class _Worker:
     server: str = ""
     deadline: float = 0.0
 
-    def kill(self) -> None:
-        self.proc.kill_tree(timeout=5.0)
+    def kill(self, grace: float = 0.0) -> None:
+        """Stop the worker: with `grace`, let an idle one exit on EOF first; then SIGKILL."""
         self.conn.close()
+        if grace:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout=grace)
+        self.proc.kill_tree(timeout=5.0)
         self.popen.wait(timeout=5.0)
 
 
@@ -172,7 +176,7 @@ class FarmScheduler:
                 self._poll(workers, queue, on_result)
         finally:
             for w in workers:
-                w.kill()
+                w.kill(grace=2.0 if w.state == "idle" else 0.0)
 
     # ------------------------------------------------------------------ capacity
     def check(self, tracker: str, key: str) -> None:

@@ -12,6 +12,7 @@ itself never retries.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from dataclasses import dataclass
@@ -54,6 +55,11 @@ def handle(conn, msg: tuple) -> None:  # noqa: ANN001
             assignment.host, assignment.port, assignment.matchkey, session_timeout=limits.session
         )
         result = measure_session(remote, job)
+        # close the session cleanly *before* reporting: if the parent kills this worker right
+        # after, a reset connection would crash the server's session child, and TVM's server
+        # then stays up unregistered for good (a zombie)
+        del remote
+        gc.collect()
         conn.send(("done", job_id, result))
     except Exception as err:  # reported to the parent, which classifies and retries
         conn.send(("error", job_id, type(err).__name__, str(err)[-2000:]))
