@@ -84,3 +84,24 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str, period: float 
             return
         time.sleep(period)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def healthy(cfg: FarmConfig) -> bool:
+    st = read_state(cfg.state_dir)
+    return (
+        bool(st)
+        and st["tracker"]["health"] == "healthy"
+        and all(s["health"] == "healthy" for s in st["servers"])
+    )
+
+
+def module_farm(tmp_path_factory, servers: int, **changes: float):  # noqa: ANN001, ANN201
+    """A farm shared by the tests of one module (starting one costs ~10 s); always stopped."""
+    from codesign.farm.supervisor import start_farm, stop_farm
+
+    cfg = farm_config(tmp_path_factory.mktemp("farm"), servers=servers, **changes)
+    start_farm(cfg)
+    try:
+        yield cfg
+    finally:
+        stop_farm(cfg.state_dir)

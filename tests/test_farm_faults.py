@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from farm_helpers import farm_config, in_session, server_addr, server_proc, wait_for
+from farm_helpers import healthy, in_session, module_farm, server_addr, server_proc, wait_for
 
 from codesign.farm.measure import FarmSpec
 from codesign.farm.procs import Proc, read_events
@@ -27,7 +27,19 @@ pytestmark = pytest.mark.rpc
 
 # ~0.3 s per measurement job: a fault reliably lands while a job is in flight
 PROTO = MeasureProtocol(repeat=3, number=1, min_repeat_ms=100)
-N_BLOCKS = 8
+N_BLOCKS = 5
+
+
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory):
+    """Two servers; 6 s job deadline; servers give up on a lost tracker after 4 s."""
+    yield from module_farm(tmp_path_factory, 2, job=6.0, server_tracker_retry=4.0)
+
+
+@pytest.fixture
+def cfg(farm):
+    wait_for(lambda: healthy(farm), 60, "the shared farm to be healthy")  # after a previous fault
+    return farm
 
 
 def _blocks(tiny):
@@ -68,8 +80,7 @@ def _check_complete(lut: Path, x86, tiny, report) -> None:  # noqa: ANN001
     assert all(e.provenance.host.startswith("rpc:x86@") for e in rows)
 
 
-def test_killed_server_mid_build(tmp_path: Path, farm_factory, tiny, x86) -> None:
-    cfg = farm_factory(farm_config(tmp_path / "farm", servers=2))
+def test_killed_server_mid_build(tmp_path: Path, cfg, tiny, x86) -> None:
     lut = tmp_path / "lut.sqlite"
     victim = server_proc(cfg, "x86-1")
     inj = Injector(lambda: len(_rows(lut, x86.key)) >= 2 and in_session(victim), victim.kill_tree)
@@ -90,10 +101,7 @@ def test_killed_server_mid_build(tmp_path: Path, farm_factory, tiny, x86) -> Non
     assert report.farm["per_server"].get(server_addr(cfg, "x86-0"), 0) >= N_BLOCKS // 2
 
 
-def test_frozen_server_hits_deadline_and_is_quarantined(
-    tmp_path: Path, farm_factory, tiny, x86
-) -> None:
-    cfg = farm_factory(farm_config(tmp_path / "farm", servers=2, job=6.0))
+def test_frozen_server_hits_deadline_and_is_quarantined(tmp_path: Path, cfg, tiny, x86) -> None:
     lut = tmp_path / "lut.sqlite"
     victim = server_proc(cfg, "x86-0")
     frozen_addr = server_addr(cfg, "x86-0")
@@ -137,13 +145,10 @@ def test_frozen_server_hits_deadline_and_is_quarantined(
     assert not victim.alive
 
 
-def test_tracker_outage_longer_than_server_retry_window(
-    tmp_path: Path, farm_factory, tiny, x86
-) -> None:
+def test_tracker_outage_longer_than_server_retry_window(tmp_path: Path, cfg, tiny, x86) -> None:
     """The tracker is down longer than the servers' reconnect window (4 s here, TVM's 60 s in
     production): the servers stay up but never re-register. The supervisor (paused meanwhile,
     so the outage lasts) restores the tracker and restarts the servers; the build resumes."""
-    cfg = farm_factory(farm_config(tmp_path / "farm", servers=2, server_tracker_retry=4.0))
     lut = tmp_path / "lut.sqlite"
     sup = Proc.from_dict(read_state(cfg.state_dir)["supervisor"])
     tracker = Proc.from_dict(read_state(cfg.state_dir)["tracker"]["proc"])

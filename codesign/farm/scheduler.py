@@ -51,6 +51,7 @@ RETRYABLE = (
     "Broken pipe",
     "only quarantined",
     "closed the connection",
+    "cannot find server that matches",  # connected after the server renewed its match key
 )
 
 

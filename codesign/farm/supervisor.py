@@ -208,7 +208,9 @@ class Supervisor:
             self.tracker.health = "down"
             if not self.tracker.proc or not self.tracker.proc.alive or down > 2 * t.socket:
                 last_ok = self.tracker.last_seen or self.tracker_down_since
-                self._start(self.tracker, f"tracker not answering for {down:.0f} s")
+                self._restart(self.tracker, f"tracker not answering for {down:.0f} s")
+                if self.tracker.failed:  # bounded: give up, and take the servers down too
+                    raise SystemExit(1) from None
                 ok = self._wait_tracker(30.0)
                 outage = time.time() - last_ok
                 if ok and outage > t.server_tracker_retry:
@@ -316,6 +318,16 @@ def start_farm(cfg: FarmConfig, *, wait: bool = True) -> dict[str, Any]:
             f"a farm is already running from {cfg.state_dir}; `codesign farm down` first "
             "(or use another --state-dir)"
         )
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((cfg.tracker_host, cfg.tracker_port))
+        except OSError as err:
+            raise FarmError(
+                f"tracker port {cfg.tracker}: {err}; another tracker (or program) uses it. "
+                "Choose [tracker] port in farm.toml, or stop it (`codesign farm down`)"
+            ) from None
     write_config(cfg)
     (cfg.state_dir / "state.json").unlink(missing_ok=True)
     argv = [sys.executable, "-m", "codesign.farm.supervisor", str(cfg.state_dir)]
