@@ -95,11 +95,19 @@ def healthy(cfg: FarmConfig) -> bool:
     )
 
 
-def module_farm(tmp_path_factory, servers: int, **changes: float):  # noqa: ANN001, ANN201
-    """A farm shared by the tests of one module (starting one costs ~10 s); always stopped."""
+def module_farm(  # noqa: ANN201
+    tmp_path_factory,  # noqa: ANN001
+    servers: int,
+    extra_keys: tuple[str, ...] = (),
+    **changes: float,
+):
+    """A farm shared by the tests of one module (starting one costs ~10 s); always stopped.
+    `servers` servers of key x86, plus one server for each of `extra_keys`."""
     from codesign.farm.supervisor import start_farm, stop_farm
 
     cfg = farm_config(tmp_path_factory.mktemp("farm"), servers=servers, **changes)
+    for key in extra_keys:
+        cfg = cfg.with_group(ServerGroup(key, 1, free_ports(1), threads=1))
     start_farm(cfg)
     try:
         yield cfg

@@ -43,8 +43,8 @@ emulator = "arm64"
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-    """One server (key x86), shared by this module's RPC tests."""
-    yield from module_farm(tmp_path_factory, 1)
+    """One server of key x86 and one of key x86b, shared by this module's RPC tests."""
+    yield from module_farm(tmp_path_factory, 1, extra_keys=("x86b",))
 
 
 @pytest.fixture
@@ -100,6 +100,8 @@ def test_tracker_down_is_a_clear_error_fast() -> None:
 
 @pytest.mark.rpc
 def test_unknown_key_fails_fast_and_requests_are_bounded(cfg) -> None:
+    from tvm import rpc  # before any request: a match key is only valid for a few seconds
+
     client = TrackerClient("127.0.0.1", cfg.tracker_port, timeout=cfg.timeouts.socket)
     t0 = time.time()
     with pytest.raises(NoServerError, match="no RPC server with key 'nope'.*keys there: x86"):
@@ -123,6 +125,8 @@ def test_unknown_key_fails_fast_and_requests_are_bounded(cfg) -> None:
     assert time.time() - t0 < cfg.timeouts.socket
     a = client.request("x86", timeout=5.0)
     assert a.port == cfg.servers[0].port and a.key == "x86"
+    sess = rpc.connect(a.host, a.port, a.matchkey)  # hand the server back at once
+    del sess
 
 
 @pytest.mark.rpc
@@ -292,3 +296,26 @@ def test_tuning_through_the_farm(tmp_path: Path, farm_factory, tiny, x86) -> Non
         if "popen_worker" in " ".join(p.cmdline())
     ]
     assert not strays, "MetaSchedule popen workers outlived the tuning run"
+
+
+@pytest.mark.rpc
+def test_scheduler_spreads_jobs_over_keys(tmp_path: Path, cfg, tiny, x86) -> None:
+    """Jobs of two keys (two targets) run side by side, each on its own key's servers; every
+    job is reported exactly once."""
+    from codesign.farm.scheduler import FarmScheduler, Job
+    from codesign.measurement import MeasureProtocol
+    from codesign.tvm_backend.build import compile_module
+    from codesign.tvm_backend.lower import lower_block
+    from codesign.tvm_backend.rpc_runner import prepare_job
+
+    built = compile_module(lower_block(tiny.layers()[0].block("k3e3")), x86)
+    payload = prepare_job(built, MeasureProtocol.quick(), tmp_path)
+    jobs = [Job(f"{k}-{i}", k, cfg.tracker, payload) for i in range(3) for k in ("x86", "x86b")]
+    results = []
+    report = FarmScheduler(cfg).run(jobs, results.append)
+    assert sorted(r.job.id for r in results) == sorted(j.id for j in jobs)
+    assert all(r.measurement.ok for r in results), [r.measurement.error for r in results]
+    ports = {g.key: g.port for g in cfg.servers}
+    for r in results:
+        assert r.server == f"127.0.0.1:{ports[r.job.key]}"
+    assert report.succeeded == 6 and report.retries == 0
