@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 OUT ?= out
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all lint format toolchains clean
+.PHONY: setup demo test test-all lint format toolchains arm-emulator clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -39,6 +39,12 @@ format: setup
 toolchains:
 	command -v aarch64-linux-gnu-gcc >/dev/null || \
 	  (apt-get update -q && apt-get install -y -q gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)
+
+# Optional: an emulated arm64 board for the device farm (qemu-user chroot, ~360 MB, once).
+arm-emulator: setup toolchains
+	command -v qemu-aarch64-static >/dev/null && command -v debootstrap >/dev/null || \
+	  (apt-get update -q && apt-get install -y -q qemu-user-static debootstrap binfmt-support)
+	$(BIN)/codesign farm arm-emulator setup
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache

@@ -44,3 +44,11 @@ class MeasurementError(CodesignError):
 
 class TuningError(CodesignError):
     """MetaSchedule tuning failed or produced no valid records."""
+
+
+class FarmError(CodesignError):
+    """The RPC device farm (tracker, servers, scheduler) cannot do what was asked."""
+
+
+class NoServerError(FarmError):
+    """No RPC server is registered on the tracker for the requested key."""

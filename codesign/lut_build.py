@@ -6,6 +6,12 @@
              (records go into the LUT file) -> for each block whose entry is missing or was
              measured with other records: compile with the records -> measure -> commit
 
+Remote targets (`arm:key=...,tracker=...`), or any target with `farm=FarmSpec(...)`, measure
+through the device farm instead: blocks are compiled here (cross-compiled for ARM) and measured
+in parallel on the servers of the key by the farm scheduler (deadlines, retries, quarantine),
+each row committed as its result arrives; tuning goes through MetaSchedule's RPC runner with the
+farm's guards. Emulated servers get `emulated=True` provenance and are refused for tuning.
+
 Every entry is committed as soon as it is measured, so an interrupted build loses at most the
 block in flight; re-running the same command measures only what is missing. An entry is valid
 only if its provenance (TVM version, target JSON, pipeline, protocol, threads, tuning records)
@@ -43,6 +49,7 @@ class BuildReport:
     trials_per_task: int = 0
     valid_records: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    farm: dict[str, Any] = field(default_factory=dict)  # farm runs: servers, retries, quarantine
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,10 +105,13 @@ def build_lut(
     blocks: Sequence[BlockSpec] | None = None,
     runner: Any = None,
     progress: bool = True,
+    farm: Any = None,
 ) -> BuildReport:
     """Measure the blocks of `space` on `target` into the LUT at `db` (see module docstring).
 
     `trials` is the MetaSchedule budget per unique tuning task (0: untuned default schedules).
+    `farm` (a codesign.farm.measure.FarmSpec) measures on a device farm; remote targets use
+    their tracker and key by default.
     """
     from codesign.tvm_backend.build import compile_module, prepare
     from codesign.tvm_backend.lower import lower_block
@@ -110,12 +120,23 @@ def build_lut(
     space = get_space(space)
     target = parse_target(target)
     protocol = protocol or MeasureProtocol()
-    runner = runner or LocalRunner(seed=seed)
+    if farm is None and runner is None and target.is_remote:
+        from codesign.farm.measure import FarmSpec
+
+        farm = FarmSpec.for_target(target)
+    runner = runner or (None if farm is not None else LocalRunner(seed=seed))
     blocks = tuple(blocks) if blocks is not None else space.blocks()
     mode = "tuned" if trials > 0 else "untuned"
     report = BuildReport(space.name, target.key, mode, len(blocks), trials_per_task=trials)
     t_start = time.time()
-    emulated = bool(getattr(runner, "emulated", False))
+    emulated = farm.is_emulated() if farm is not None else bool(getattr(runner, "emulated", False))
+    if mode == "tuned" and emulated:
+        from codesign.errors import TuningError
+
+        raise TuningError(
+            f"{target.key}: the measuring device is emulated; its timings must not drive tuning. "
+            "Tune on a real board, or build an untuned LUT (trials=0)"
+        )
     table = LatencyTable(db)
     try:
         lowered: dict[str, Any] = {}
@@ -141,19 +162,49 @@ def build_lut(
             with _progress(
                 todo * trials, f"tune {todo}/{taskset.unique} tasks", progress, unit="trial"
             ) as bar:
-                tr = tune(
-                    taskset,
-                    target,
-                    database,
-                    trials_per_task=trials,
-                    seed=seed,
-                    on_trials=bar.update,
-                )
+                if farm is not None:
+                    from codesign.farm.tuning import tune_on_farm
+
+                    tr = tune_on_farm(
+                        taskset,
+                        target,
+                        database,
+                        farm,
+                        trials_per_task=trials,
+                        seed=seed,
+                        on_trials=bar.update,
+                    )
+                else:
+                    tr = tune(
+                        taskset,
+                        target,
+                        database,
+                        trials_per_task=trials,
+                        seed=seed,
+                        on_trials=bar.update,
+                    )
             report.tuned_tasks, report.valid_records = tr.tuned_tasks, tr.valid_records
             report.seconds["tune"] = time.time() - t0
             digests = {b.key: database.digest(taskset.mods_of(b.key)) for b in blocks}
 
         t0 = time.time()
+        if farm is not None:
+            _measure_on_farm(
+                blocks,
+                target,
+                table,
+                farm,
+                report,
+                lowered,
+                fused,
+                database,
+                digests,
+                protocol=protocol,
+                seed=seed,
+                emulated=emulated,
+                progress=progress,
+            )
+            blocks = ()  # measured above
         with _progress(len(blocks), f"measure {mode}", progress) as bar:
             for b in blocks:
                 digest = digests.get(b.key, "")
@@ -186,3 +237,78 @@ def build_lut(
         report.seconds["total"] = time.time() - t_start
         table.close()
     return report
+
+
+def _measure_on_farm(
+    blocks: Sequence[BlockSpec],
+    target: Target,
+    table: LatencyTable,
+    farm: Any,
+    report: BuildReport,
+    lowered: dict[str, Any],
+    fused: dict[str, Any],
+    database: Any,
+    digests: dict[str, str],
+    *,
+    protocol: MeasureProtocol,
+    seed: int,
+    emulated: bool,
+    progress: bool,
+) -> None:
+    """The measure phase on a device farm: compile here, measure there, commit on arrival."""
+    import dataclasses
+
+    from codesign.farm.measure import Item, measure_many
+    from codesign.tvm_backend.build import compile_module
+    from codesign.tvm_backend.lower import lower_block
+
+    mode = report.mode
+    provs: dict[str, Provenance] = {}
+    todo: list[Item] = []
+    for b in blocks:
+        prov = provenance_for(
+            target,
+            tuned=mode == "tuned",
+            tuning_digest=digests.get(b.key, ""),
+            protocol=protocol,
+            emulated=emulated,
+        )
+        old = table.get(target.key, b, mode)
+        if old is not None and old.ok and old.provenance.digest == prov.digest:
+            report.reused += 1
+            continue
+        provs[b.key] = prov
+
+        def build(b: BlockSpec = b) -> Any:
+            low = lowered.get(b.key) or lower_block(
+                b, seed=seed, params_as_input=protocol.cache_flush
+            )
+            return compile_module(low, target, database, fused=fused.get(b.key))
+
+        todo.append(Item(b.key, build))
+    specs = {b.key: b for b in blocks}
+    with _progress(len(todo), f"measure {mode} on {farm.key}@{farm.tracker}", progress) as bar:
+
+        def commit(item: Item, m: Any, server: str) -> None:
+            prov = dataclasses.replace(
+                provs[item.id], host=farm.host_label(server), created=time.time()
+            )
+            digest = digests.get(item.id, "")
+            table.put(target.key, specs[item.id], mode, m, prov, tuning_digest=digest)
+            if m.ok:
+                report.measured += 1
+            else:
+                report.failed.append(f"{item.id}: {m.error}")
+            bar.set_postfix_str(f"{item.id} {m.median_ms:.3f} ms" if m.ok else "failed")
+            bar.update()
+
+        sched = measure_many(todo, protocol, farm, commit, seed=seed)
+    report.farm = {
+        "tracker": farm.tracker,
+        "key": farm.key,
+        "emulated": emulated,
+        "retries": sched.retries,
+        "deadlines": sched.deadlines,
+        "quarantined": sched.quarantined,
+        "per_server": sched.per_server,
+    }

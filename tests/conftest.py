@@ -41,3 +41,21 @@ def quick():
     from codesign.measurement import MeasureProtocol
 
     return MeasureProtocol.quick()
+
+
+@pytest.fixture
+def farm_factory(tmp_path: Path):
+    """Start real farms (tracker + servers + supervisor on 127.0.0.1, free ports); always stopped
+    afterwards, and every recorded process tree killed by PID."""
+    from codesign.farm.supervisor import start_farm, stop_farm
+
+    started = []
+
+    def start(cfg):
+        started.append(cfg)
+        start_farm(cfg)
+        return cfg
+
+    yield start
+    for cfg in started:
+        stop_farm(cfg.state_dir)

@@ -59,9 +59,17 @@ def _cmd_spaces(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS = (
+    "lut",
+    "latency",
+    "farm",
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     from codesign import __version__
-    from codesign.cli import latency, lut
 
     parser = argparse.ArgumentParser(
         prog="codesign",
@@ -81,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_spaces)
 
-    lut.register(sub)
-    latency.register(sub)
+    for name in COMMANDS:  # one module per command group, each with register(sub)
+        importlib.import_module(f"codesign.cli.{name}").register(sub)
     return parser
 
 

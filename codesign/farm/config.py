@@ -1,0 +1,202 @@
+"""Farm configuration: `farm.toml` -> FarmConfig (frozen; every limit of the farm is here).
+
+[tracker]
+host = "127.0.0.1"          # where the tracker listens (and where clients reach it)
+port = 9190
+
+[farm]
+bind = "127.0.0.1"          # address the RPC servers listen on; 0.0.0.0 only on a trusted LAN
+state_dir = "~/.cache/codesign/farm"   # PIDs, logs, events of `codesign farm up`
+
+[timeouts]                  # seconds
+socket = 5                  # one tracker protocol exchange (connect, summary)
+request = 30                # waiting for a free server of a key
+job = 120                   # one measurement job, from dispatch to result (then killed)
+session = 90                # server-side session limit (the server kills longer sessions)
+health_interval = 2         # supervisor check period
+register = 60               # a started server must register within this
+tracker_wait = 120          # the scheduler waits this long for a lost tracker
+server_tracker_retry = 60   # a server's reconnect window after a tracker loss (TVM: 60)
+quarantine = 60             # a quarantined server gets no jobs for this long
+
+[retries]
+attempts = 3                # tries per job, each on another server if possible
+quarantine_after = 2        # consecutive failures before a server is quarantined
+max_restarts = 20           # restarts per server over the supervisor's life
+
+[[servers]]                 # one table per group of identical servers
+key = "x86"
+count = 2
+port = 9100                 # first port; server i listens on port + i
+threads = 1                 # TVM_NUM_THREADS of each server
+emulator = ""               # "arm64": run in the emulated arm64 chroot (emulated timings)
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from codesign.errors import FarmError
+
+DEFAULT_STATE_DIR = Path(
+    os.environ.get("CODESIGN_FARM_DIR", Path.home() / ".cache" / "codesign" / "farm")
+)
+EMULATORS = ("", "arm64")
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    socket: float = 5.0
+    request: float = 30.0
+    job: float = 120.0
+    session: float = 90.0
+    health_interval: float = 2.0
+    register: float = 60.0
+    tracker_wait: float = 120.0
+    server_tracker_retry: float = 60.0
+    quarantine: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Retries:
+    attempts: int = 3
+    quarantine_after: int = 2
+    max_restarts: int = 20
+
+
+@dataclass(frozen=True, slots=True)
+class ServerGroup:
+    key: str
+    count: int = 1
+    port: int = 9100
+    threads: int = 1
+    emulator: str = ""
+
+    @property
+    def emulated(self) -> bool:
+        return bool(self.emulator)
+
+    def names(self) -> list[tuple[str, int]]:
+        """(server name, port) of each server of the group."""
+        return [(f"{self.key}-{i}", self.port + i) for i in range(self.count)]
+
+
+@dataclass(frozen=True, slots=True)
+class FarmConfig:
+    tracker_host: str = "127.0.0.1"
+    tracker_port: int = 9190
+    bind: str = "127.0.0.1"
+    state_dir: Path = DEFAULT_STATE_DIR
+    servers: tuple[ServerGroup, ...] = ()
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    retries: Retries = field(default_factory=Retries)
+
+    def __post_init__(self) -> None:
+        ports = [p for g in self.servers for _, p in g.names()] + [self.tracker_port]
+        if len(set(ports)) != len(ports):
+            raise FarmError(
+                f"farm config: ports overlap ({sorted(ports)}); give each group its own"
+            )
+        keys = [g.key for g in self.servers]
+        if len(set(keys)) != len(keys):
+            raise FarmError(f"farm config: key listed twice in [[servers]] ({keys})")
+        for g in self.servers:
+            if g.count < 1 or g.threads < 1 or not 0 < g.port < 65536:
+                raise FarmError(f"farm config: bad server group {g}")
+            if g.emulator not in EMULATORS:
+                raise FarmError(
+                    f"farm config: emulator must be one of {EMULATORS}, got {g.emulator!r}"
+                )
+        if self.retries.attempts < 1 or self.retries.quarantine_after < 1:
+            raise FarmError("farm config: retries.attempts and quarantine_after must be >= 1")
+
+    @property
+    def tracker(self) -> str:
+        return f"{self.tracker_host}:{self.tracker_port}"
+
+    def group(self, key: str) -> ServerGroup | None:
+        return next((g for g in self.servers if g.key == key), None)
+
+    def with_group(self, group: ServerGroup) -> FarmConfig:
+        """This config with `group` added (or replacing the group of the same key)."""
+        others = tuple(g for g in self.servers if g.key != group.key)
+        return self.with_servers((*others, group))
+
+    def with_servers(self, servers: tuple[ServerGroup, ...]) -> FarmConfig:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["servers"] = servers
+        return FarmConfig(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["state_dir"] = str(self.state_dir)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FarmConfig:
+        d = dict(d)
+        return cls(
+            tracker_host=d["tracker_host"],
+            tracker_port=int(d["tracker_port"]),
+            bind=d["bind"],
+            state_dir=Path(d["state_dir"]),
+            servers=tuple(ServerGroup(**g) for g in d["servers"]),
+            timeouts=Timeouts(**d["timeouts"]),
+            retries=Retries(**d["retries"]),
+        )
+
+
+def _table(data: dict[str, Any], name: str, cls: type) -> Any:
+    section = data.get(name, {})
+    if not isinstance(section, dict):
+        raise FarmError(f"farm config: [{name}] must be a table")
+    known = {f.name for f in fields(cls)}
+    unknown = set(section) - known
+    if unknown:
+        raise FarmError(
+            f"farm config: unknown option(s) {sorted(unknown)} in [{name}]; known: {sorted(known)}"
+        )
+    try:
+        return cls(**{k: type(getattr(cls(), k))(v) for k, v in section.items()})
+    except (TypeError, ValueError) as err:
+        raise FarmError(f"farm config: bad value in [{name}]: {err}") from None
+
+
+def load_config(
+    path: str | Path | None = None, *, state_dir: str | Path | None = None
+) -> FarmConfig:
+    """Read `farm.toml` (None: defaults, one x86 server on port 9100)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise FarmError(f"farm config {path} does not exist") from None
+        except tomllib.TOMLDecodeError as err:
+            raise FarmError(f"farm config {path} is not valid TOML: {err}") from None
+    unknown = set(data) - {"tracker", "farm", "timeouts", "retries", "servers"}
+    if unknown:
+        raise FarmError(f"farm config: unknown section(s) {sorted(unknown)}")
+    tracker = data.get("tracker", {})
+    farm = data.get("farm", {})
+    groups = []
+    for g in data.get("servers", [{"key": "x86"}]):
+        known = {f.name for f in fields(ServerGroup)}
+        if not isinstance(g, dict) or "key" not in g or set(g) - known:
+            raise FarmError(f"farm config: each [[servers]] needs key= and only {sorted(known)}")
+        groups.append(ServerGroup(**g))
+    sd = state_dir or farm.get("state_dir") or DEFAULT_STATE_DIR
+    return FarmConfig(
+        tracker_host=str(tracker.get("host", "127.0.0.1")),
+        tracker_port=int(tracker.get("port", 9190)),
+        bind=str(farm.get("bind", "127.0.0.1")),
+        state_dir=Path(sd).expanduser(),
+        servers=tuple(groups),
+        timeouts=_table(data, "timeouts", Timeouts),
+        retries=_table(data, "retries", Retries),
+    )
