@@ -159,6 +159,11 @@ def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
                 f"{path} is an SQLite database but not a codesign LUT (application id "
                 f"{app_id:#x}). It was left untouched; choose another --db path."
             )
+        if readonly and app_id != APPLICATION_ID:
+            con.close()
+            raise LUTError(
+                f"{path} is empty (not initialised yet); build it with `codesign lut build`"
+            )
         if app_id == APPLICATION_ID:
             check = con.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":

@@ -261,8 +261,16 @@ def _counting_builder(inner: Any, on_trials: Callable[[int], None]) -> Any:
 
 
 def _quiet_metaschedule() -> None:
+    """Silence MetaSchedule's console chatter, and drop unnamed handlers from its logger:
+    MetaSchedule re-configures logging on every tuning run by handler *name*, and crashes
+    (`'NoneType' object has no attribute 'format'`) on a handler without one, e.g. one added by
+    a test harness."""
     import os
 
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    for handler in list(ms_logger.handlers):
+        if handler.get_name() is None:
+            ms_logger.removeHandler(handler)
     if os.environ.get("CODESIGN_DEBUG"):
         return
     for name in ("tvm.s_tir.meta_schedule", "tvm.meta_schedule"):
