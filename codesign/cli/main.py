@@ -60,7 +60,7 @@ def _cmd_spaces(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from codesign import __version__
-    from codesign.cli import lut
+    from codesign.cli import artifact, lut
 
     parser = argparse.ArgumentParser(
         prog="codesign",
@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_spaces)
 
     lut.register(sub)
+    artifact.register(sub)
     return parser
 
 
