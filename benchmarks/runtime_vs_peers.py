@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -155,20 +156,21 @@ def bench_model(
     threads = target.threads
     proto = MeasureProtocol(repeat=args.repeat, min_repeat_ms=args.min_repeat_ms)
     common = dict(protocol=proto, val_limit=0, check_inputs=2, progress=not args.no_progress)
+    slug = re.sub(r"[^\w.-]+", "-", label).strip("-")
     print(f"[{label}] compiling tuned ({args.trials} trials/task) and untuned artifacts")
     tuned = compile_artifact(
         model_dir,
         target,
-        workdir / f"{label}-tuned.tar",
+        workdir / f"{slug}-tuned.tar",
         CompileOptions(tune_trials=args.trials, tuning_db=db, **common),
     )
     untuned = compile_artifact(
-        model_dir, target, workdir / f"{label}-untuned.tar", CompileOptions(**common)
+        model_dir, target, workdir / f"{slug}-untuned.tar", CompileOptions(**common)
     )
     net, meta = load_model(model_dir)
     shape = tuned.artifact.manifest.input.shape
     x = torch.from_numpy(np.random.default_rng(0).standard_normal(shape).astype("float32"))
-    sess = ort_session(net, x, workdir / f"{label}.onnx", threads)
+    sess = ort_session(net, x, workdir / f"{slug}.onnx", threads)
     with torch.no_grad():
         ref = net(x).numpy()
     ort_err = float(np.abs(sess.run(None, {"input": x.numpy()})[0] - ref).max())
@@ -216,7 +218,7 @@ def bench_model(
             "artifact": tuned.path.stat().st_size,
             "library": tuned.artifact.manifest.file("model.so").size,
             "torch_state_dict": state_dict,
-            "onnx": (workdir / f"{label}.onnx").stat().st_size,
+            "onnx": (workdir / f"{slug}.onnx").stat().st_size,
         },
         "peak_rss": {
             "tvm_artifact": peak_rss(_TVM_PROBE, str(tuned.path), env={"TVM_USE_RUNTIME_LIB": "1"}),

@@ -58,6 +58,13 @@ def resealed(manifest: dict) -> bytes:
     return json.dumps(manifest).encode()
 
 
+def test_import_loads_neither_tvm_nor_torch() -> None:
+    code = "import sys, codesign, codesign.artifact; print(sorted({'tvm', 'torch'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    assert callable(codesign.load)
+
+
 # --- compile ------------------------------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ import codesign
 from codesign.artifact.remote import request_session, server_counts, tracker_summary
 from codesign.errors import RemoteError
 
-pytestmark = [pytest.mark.rpc, pytest.mark.slow]
+pytestmark = pytest.mark.rpc
 ROOT = Path(
     os.environ.get("CODESIGN_ARM_ROOTFS", Path.home() / ".cache" / "codesign" / "arm64-rootfs")
 )
