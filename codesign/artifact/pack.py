@@ -116,45 +116,49 @@ def _tuning(
             "`codesign lut build --trials N`, or tune now with --tune-trials N"
         )
     database = open_tuning_database(db_path, target.key)
-    taskset = extract_tasks({"network": fused}, target)
-    t0 = time.time()
-    if opts.tune_trials:
-        from tqdm import tqdm
+    try:
+        taskset = extract_tasks({"network": fused}, target)
+        t0 = time.time()
+        if opts.tune_trials:
+            from tqdm import tqdm
 
-        todo = sum(1 for t in taskset.tasks if database.valid_count(t.mod) < opts.tune_trials)
-        with tqdm(
-            total=todo * opts.tune_trials,
-            desc=f"tune {todo}/{taskset.unique} tasks",
-            unit="trial",
-            disable=not opts.progress,
-            file=sys.stderr,
-        ) as bar:
-            report = tune(
-                taskset,
-                target,
-                database,
-                trials_per_task=opts.tune_trials,
-                seed=opts.seed,
-                on_trials=bar.update,
+            todo = sum(1 for t in taskset.tasks if database.valid_count(t.mod) < opts.tune_trials)
+            with tqdm(
+                total=todo * opts.tune_trials,
+                desc=f"tune {todo}/{taskset.unique} tasks",
+                unit="trial",
+                disable=not opts.progress,
+                file=sys.stderr,
+            ) as bar:
+                report = tune(
+                    taskset,
+                    target,
+                    database,
+                    trials_per_task=opts.tune_trials,
+                    seed=opts.seed,
+                    on_trials=bar.update,
+                )
+            info.update(tuned_tasks=report.tuned_tasks, new_records=report.valid_records)
+        mods = taskset.mods_of("network")
+        covered = sum(database.best_record(m) is not None for m in mods)
+        if covered == 0:
+            keys = _record_targets(db_path)
+            raise ArtifactError(
+                f"no tuning record in {db_path} matches this network's {len(mods)} tasks for target "
+                f"{target.key} (the file has records for: {', '.join(keys) or 'no target'}). Use the "
+                "same target spec (threads, mcpu) the LUT was built with, or tune with --tune-trials N"
             )
-        info.update(tuned_tasks=report.tuned_tasks, new_records=report.valid_records)
-    mods = taskset.mods_of("network")
-    covered = sum(database.best_record(m) is not None for m in mods)
-    if covered == 0:
-        keys = _record_targets(db_path)
-        raise ArtifactError(
-            f"no tuning record in {db_path} matches this network's {len(mods)} tasks for target "
-            f"{target.key} (the file has records for: {', '.join(keys) or 'no target'}). Use the "
-            "same target spec (threads, mcpu) the LUT was built with, or tune with --tune-trials N"
+        info.update(
+            mode="tuned",
+            database=db_path.name,
+            database_digest=database.digest(mods),
+            unique_tasks=taskset.unique,
+            tasks_with_records=covered,
+            seconds=round(time.time() - t0, 3),
         )
-    info.update(
-        mode="tuned",
-        database=db_path.name,
-        database_digest=database.digest(mods),
-        unique_tasks=taskset.unique,
-        tasks_with_records=covered,
-        seconds=round(time.time() - t0, 3),
-    )
+    except BaseException:
+        database.close()
+        raise
     return database, info
 
 
@@ -170,8 +174,9 @@ def _record_targets(db_path: Path) -> list[str]:
 
 def _executor(
     target: Target, lowered: Any, library: Path, tmp: Path, opts: CompileOptions
-) -> tuple[Executor, contextlib.ExitStack]:
-    """Where the checks run: the target itself, or a host build when the device is not used."""
+) -> tuple[Executor, contextlib.ExitStack, bool]:
+    """Where the checks run: the target itself, or a host build when the device is not used;
+    the flag says whether it is the target device (only then is the latency measured)."""
     stack = contextlib.ExitStack()
     if target.is_remote and opts.device_check:
         from codesign.artifact.remote import RemoteExecutor, request_session
@@ -186,7 +191,7 @@ def _executor(
             emulated=opts.emulated,
             where=f"rpc key {target.rpc_key} via tracker {target.tracker}",
         )
-        return stack.enter_context(ex), stack
+        return stack.enter_context(ex), stack, True
     if target.is_remote or (target.device == "cuda" and not opts.device_check):
         from codesign.tvm_backend.build import compile_module
 
@@ -194,14 +199,14 @@ def _executor(
         path = compile_module(lowered, host).export(tmp / "host-substitute.so")
         ex = LocalExecutor(path, machine=expected_machine(host.tvm_dict), threads=host.threads)
         ex.where = f"host substitute ({host.key} build of the same Relax module; device not used)"
-        return stack.enter_context(ex), stack
+        return stack.enter_context(ex), stack, False
     ex = LocalExecutor(
         library,
         machine=expected_machine(target.tvm_dict),
         device=target.device,
         threads=target.threads,
     )
-    return stack.enter_context(ex), stack
+    return stack.enter_context(ex), stack, True
 
 
 def _input_info(meta: Any, input_shape: tuple[int, ...], name: str) -> dict[str, Any]:
@@ -263,7 +268,11 @@ def compile_artifact(
     seconds["lower"] = time.time() - t0
     database, tuning = _tuning(fused, target, out, opts)
     t0 = time.time()
-    built = compile_module(lowered, target, database, fused=fused)
+    try:
+        built = compile_module(lowered, target, database, fused=fused)
+    finally:
+        if database is not None:
+            database.close()
     seconds["compile"] = time.time() - t0
     with tempfile.TemporaryDirectory(prefix="codesign-compile-") as tmpdir:
         tmp = Path(tmpdir)
@@ -272,7 +281,7 @@ def compile_artifact(
         if meta.dataset is not None and opts.val_limit != 0:
             data = validation_dataset(meta.dataset)
         inputs = check_inputs(data, input_shape, opts.check_inputs, opts.seed)
-        executor, stack = _executor(target, lowered, library, tmp, opts)
+        executor, stack, on_device = _executor(target, lowered, library, tmp, opts)
         with stack:
             _log(opts.progress, f"checking on {executor.where}")
             t0 = time.time()
@@ -284,7 +293,7 @@ def compile_artifact(
             )
             seconds["check"] = time.time() - t0
             latency, note = None, None
-            if executor.where.startswith("host substitute"):
+            if not on_device:
                 note = f"not measured: the {target.key} device was not used (--no-device)"
             else:
                 t0 = time.time()
