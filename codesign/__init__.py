@@ -6,16 +6,27 @@ compress under a latency budget, and ship the compiled network as a verified art
 Light imports only here: TVM and torch load when a function needs them.
 """
 
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
 from codesign.arch import Arch
 from codesign.blocks import BlockSpec
 from codesign.errors import (
     ArchError,
+    ArtifactError,
+    ArtifactIntegrityError,
     BlockSpecError,
     BuildError,
     CodesignError,
     CorruptLUTError,
+    EqualityError,
+    InputError,
     LUTError,
+    ManifestError,
     MeasurementError,
+    RemoteError,
     SpaceError,
     TargetError,
     TuningError,
@@ -25,22 +36,49 @@ from codesign.measurement import Measurement, MeasureProtocol, Provenance
 from codesign.search.space import SearchSpace, get_space, list_spaces
 from codesign.targets import Target, parse_target
 
+if TYPE_CHECKING:
+    from codesign.artifact.predictor import Predictor
+
 __version__ = "0.1.0"
+
+
+def load(
+    path: str | os.PathLike[str],
+    device: str = "cpu",
+    *,
+    session: Any = None,
+    threads: int | None = None,
+) -> Predictor:
+    """Verify a compiled artifact (`codesign compile`) and load it as a callable predictor.
+
+    `device` is 'cpu', 'cuda' or 'cuda:N'; with an RPC `session` the library runs on that
+    remote device. See codesign.artifact.predictor. TVM is imported only when this is called.
+    """
+    from codesign.artifact.predictor import load as _load
+
+    return _load(path, device, session=session, threads=threads)
+
 
 __all__ = [
     "Arch",
     "ArchError",
+    "ArtifactError",
+    "ArtifactIntegrityError",
     "BlockSpec",
     "BlockSpecError",
     "BuildError",
     "CodesignError",
     "CorruptLUTError",
+    "EqualityError",
+    "InputError",
     "LUTError",
     "LatencyTable",
+    "ManifestError",
     "MeasureProtocol",
     "Measurement",
     "MeasurementError",
     "Provenance",
+    "RemoteError",
     "SearchSpace",
     "SpaceError",
     "Target",
@@ -48,5 +86,6 @@ __all__ = [
     "TuningError",
     "get_space",
     "list_spaces",
+    "load",
     "parse_target",
 ]

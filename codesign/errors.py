@@ -52,3 +52,27 @@ class FarmError(CodesignError):
 
 class NoServerError(FarmError):
     """No RPC server is registered on the tracker for the requested key."""
+
+
+class ArtifactError(CodesignError):
+    """A compiled artifact that cannot be built, read, verified or run as asked."""
+
+
+class ArtifactIntegrityError(ArtifactError):
+    """The archive is truncated, tampered with or incomplete. It is never modified."""
+
+
+class ManifestError(ArtifactError, ValueError):
+    """manifest.json is missing fields or has values of the wrong type."""
+
+
+class InputError(ArtifactError, ValueError):
+    """An input of the wrong shape, dtype or format for the artifact."""
+
+
+class EqualityError(ArtifactError):
+    """The compiled module's outputs differ from the PyTorch model's beyond the tolerance."""
+
+
+class RemoteError(ArtifactError):
+    """No RPC session could be obtained, or running on the remote device failed."""

@@ -59,3 +59,41 @@ def farm_factory(tmp_path: Path):
     yield start
     for cfg in started:
         stop_farm(cfg.state_dir)
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(tmp_path_factory) -> Path:
+    """A tiny-space network trained 1 epoch on `digits`, saved as a model directory."""
+    import torch
+
+    from codesign.data import load_dataset
+    from codesign.model_dir import ModelDir, save_model
+    from codesign.modules import build_network
+    from codesign.search.space import get_space
+    from codesign.train import TrainConfig, evaluate, train
+
+    torch.set_num_threads(2)
+    space = get_space("tiny")
+    arch = space.uniform("k3e3")
+    data = load_dataset("digits", space.input_shape)
+    net = build_network(space, arch, seed=0)
+    train(net, data, TrainConfig(epochs=1, lr=0.1, seed=0), progress=False)
+    meta = ModelDir(
+        tuple(net.specs),
+        arch=arch.encode(),
+        space=space.name,
+        dataset=data.info,
+        accuracy=evaluate(net, data),
+    )
+    return save_model(tmp_path_factory.mktemp("model") / "digits-tiny", net, meta)
+
+
+@pytest.fixture(scope="session")
+def x86_artifact(trained_model_dir: Path, tmp_path_factory) -> Path:
+    """The trained model compiled for this CPU (untuned), checked and measured."""
+    from codesign.artifact.pack import CompileOptions, compile_artifact
+    from codesign.measurement import MeasureProtocol
+
+    out = tmp_path_factory.mktemp("artifact") / "model.tar"
+    opts = CompileOptions(protocol=MeasureProtocol.quick(), progress=False)
+    return compile_artifact(trained_model_dir, "x86", out, opts).path

@@ -63,6 +63,7 @@ COMMANDS = (
     "lut",
     "latency",
     "farm",
+    "artifact",
 )
 
 

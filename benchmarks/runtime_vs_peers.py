@@ -1,0 +1,292 @@
+"""The shipped artifact against the engines users would otherwise pick, side by side on x86.
+
+    python benchmarks/runtime_vs_peers.py --quick                 # tiny-space net, 4 trials/task
+    python benchmarks/runtime_vs_peers.py [--model DIR]           # MobileNetV2-style 1x3x224x224
+                                                                  # (+ a searched net), 32 trials/task
+
+For each network: compile the artifact tuned (`codesign compile --tune-trials N`, records kept in
+`--db`, so an interrupted run resumes) and untuned, then time in interleaved rounds, all with
+the same thread count: TVM tuned artifact, TVM untuned artifact (loaded as users load them, timed
+with TVM's time_evaluator), PyTorch eager (torch.set_num_threads), and ONNX Runtime
+(torch.onnx.export(dynamo=False), CPUExecutionProvider, intra_op_num_threads = threads).
+Also: artifact and library size vs the PyTorch state dict, and peak RSS of a fresh process that
+loads and runs the artifact (plain TVM runtime) vs one that loads and runs the PyTorch model.
+
+The MobileNetV2-style net is get_space("proxyless").uniform("k3e6") with seeded weights and
+non-trivial BatchNorm statistics. Writes benchmarks/results/runtime_vs_peers.json
+(runtime_vs_peers_quick.json with --quick): the first network's entry at the top level, others
+under "others".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine, torch_eager_ms, write_result  # noqa: E402
+
+from codesign.artifact.pack import CompileOptions, compile_artifact  # noqa: E402
+from codesign.measurement import MeasureProtocol  # noqa: E402
+from codesign.targets import parse_target  # noqa: E402
+
+_RSS = (
+    "def rss(key):\n"
+    "    for line in open('/proc/self/status'):\n"
+    "        if line.startswith(key): return int(line.split()[1]) / 1024\n"
+)
+# The device's view: runtime library only, and torch kept out (tvm_ffi imports it when present).
+_TVM_PROBE = _RSS + (
+    "import sys\n"
+    "sys.modules['torch'] = None\n"
+    "import tarfile, tempfile, numpy as np, tvm\n"
+    "from tvm.runtime.vm import VirtualMachine\n"
+    "base = rss('VmRSS')\n"
+    "td = tempfile.TemporaryDirectory(); d = td.name\n"
+    "tarfile.open(sys.argv[1]).extractall(d, filter='data')\n"
+    "vm = VirtualMachine(tvm.runtime.load_module(d + '/model.so'), tvm.cpu())\n"
+    "x = tvm.runtime.tensor(np.load(d + '/sample_input.npy'), tvm.cpu())\n"
+    "for _ in range(20): vm['main'](x)\n"
+    "print(base, rss('VmHWM'))\n"
+)
+_TORCH_PROBE = _RSS + (
+    "import sys, torch\n"
+    "from codesign.model_dir import load_model\n"
+    "torch.set_num_threads(int(sys.argv[2]))\n"
+    "base = rss('VmRSS')\n"
+    "net, meta = load_model(sys.argv[1])\n"
+    "x = torch.randn(1, *(meta.dataset.input_shape if meta.dataset else net.input_shape[1:]))\n"
+    "with torch.inference_mode():\n"
+    "    for _ in range(20): net(x)\n"
+    "print(base, rss('VmHWM'))\n"
+)
+
+
+def mobilenet_v2_style(workdir: Path, quick: bool) -> Path:
+    """MobileNetV2-style net (all k3e6) saved as a model directory."""
+    from codesign.model_dir import ModelDir, save_model
+    from codesign.modules import build_network, randomize_bn
+    from codesign.search.space import get_space
+
+    space = get_space("tiny" if quick else "proxyless")
+    arch = space.uniform("k3e6")
+    net = randomize_bn(build_network(space, arch, seed=0), seed=0).eval()
+    meta = ModelDir(tuple(net.specs), arch=arch.encode(), space=space.name)
+    return save_model(workdir / f"{space.name}-k3e6", net, meta)
+
+
+def ort_session(net: Any, x: Any, path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+    import torch
+
+    with torch.no_grad():
+        torch.onnx.export(
+            net.eval(),
+            (x,),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["input"],
+            output_names=["logits"],
+        )
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_ms(sess: Any, x: Any, *, repeat: int = 10, min_repeat_ms: float = 50.0) -> float:
+    """Like common.torch_eager_ms: median of `repeat` samples, each >= min_repeat_ms."""
+    feed = {"input": x}
+    for _ in range(3):
+        sess.run(None, feed)
+    number = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(number):
+            sess.run(None, feed)
+        if (time.perf_counter() - t0) * 1e3 >= min_repeat_ms:
+            break
+        number *= 2
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            sess.run(None, feed)
+        samples.append((time.perf_counter() - t0) / number * 1e3)
+    return statistics.median(samples)
+
+
+def peak_rss(code: str, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """RSS after the imports and peak RSS (VmHWM) of a fresh process running `code`."""
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
+    if out.returncode != 0:
+        return {"error": out.stderr[-500:]}
+    base, peak = (float(v) for v in out.stdout.split())
+    return {"after_import_mb": round(base, 1), "peak_mb": round(peak, 1)}
+
+
+def bench_model(
+    model_dir: Path, label: str, args: argparse.Namespace, workdir: Path, db: Path
+) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    import codesign
+    from codesign.model_dir import load_model
+
+    target = parse_target(args.target)
+    threads = target.threads
+    proto = MeasureProtocol(repeat=args.repeat, min_repeat_ms=args.min_repeat_ms)
+    common = dict(protocol=proto, val_limit=0, check_inputs=2, progress=not args.no_progress)
+    slug = re.sub(r"[^\w.-]+", "-", label).strip("-")
+    print(f"[{label}] compiling tuned ({args.trials} trials/task) and untuned artifacts")
+    tuned = compile_artifact(
+        model_dir,
+        target,
+        workdir / f"{slug}-tuned.tar",
+        CompileOptions(tune_trials=args.trials, tuning_db=db, **common),
+    )
+    untuned = compile_artifact(
+        model_dir, target, workdir / f"{slug}-untuned.tar", CompileOptions(**common)
+    )
+    net, meta = load_model(model_dir)
+    shape = tuned.artifact.manifest.input.shape
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal(shape).astype("float32"))
+    sess = ort_session(net, x, workdir / f"{slug}.onnx", threads)
+    with torch.no_grad():
+        ref = net(x).numpy()
+    ort_err = float(np.abs(sess.run(None, {"input": x.numpy()})[0] - ref).max())
+    rows: dict[str, list[float]] = {"tvm_tuned": [], "tvm_untuned": [], "torch": [], "ort": []}
+    with codesign.load(tuned.path) as pt, codesign.load(untuned.path) as pu:
+        tvm_err = float(np.abs(pt(x.numpy()) - ref).max())
+        for r in range(args.rounds):
+            rows["tvm_tuned"].append(pt.time(proto).median_ms)
+            rows["tvm_untuned"].append(pu.time(proto).median_ms)
+            rows["torch"].append(
+                torch_eager_ms(
+                    net, x, threads=threads, repeat=args.repeat, min_repeat_ms=args.min_repeat_ms
+                )
+            )
+            rows["ort"].append(
+                ort_ms(sess, x.numpy(), repeat=args.repeat, min_repeat_ms=args.min_repeat_ms)
+            )
+            print(
+                f"[{label}] round {r + 1}: "
+                + ", ".join(f"{k} {v[-1]:.3f}" for k, v in rows.items())
+            )
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    tun = tuned.artifact.manifest.data["tuning"]
+    state_dict = (model_dir / "weights.pt").stat().st_size
+    return {
+        "model": label,
+        "arch": meta.arch,
+        "input_shape": list(shape),
+        "threads": threads,
+        "tvm_tuned_ms": round(med["tvm_tuned"], 4),
+        "tvm_untuned_ms": round(med["tvm_untuned"], 4),
+        "torch_ms": round(med["torch"], 4),
+        "onnxruntime_ms": round(med["ort"], 4),
+        "ratio_ort_over_tvm": round(med["ort"] / med["tvm_tuned"], 3),
+        "ratio_torch_over_tvm": round(med["torch"] / med["tvm_tuned"], 3),
+        "ratio_untuned_over_tuned": round(med["tvm_untuned"] / med["tvm_tuned"], 3),
+        "tuning_trials": tun["trials_per_task"] * tun.get("unique_tasks", 0),
+        "tuning_trials_per_task": tun["trials_per_task"],
+        "tuning_unique_tasks": tun.get("unique_tasks"),
+        "tuning_tasks_tuned_this_run": tun.get("tuned_tasks"),
+        "tuning_seconds": tun["seconds"],
+        "rounds": {k: [round(v, 4) for v in vs] for k, vs in rows.items()},
+        "max_abs_err_vs_torch": {"tvm_tuned": tvm_err, "onnxruntime": ort_err},
+        "sizes_bytes": {
+            "artifact": tuned.path.stat().st_size,
+            "library": tuned.artifact.manifest.file("model.so").size,
+            "torch_state_dict": state_dict,
+            "onnx": (workdir / f"{slug}.onnx").stat().st_size,
+        },
+        "peak_rss": {
+            "tvm_artifact": peak_rss(_TVM_PROBE, str(tuned.path), env={"TVM_USE_RUNTIME_LIB": "1"}),
+            "torch_model": peak_rss(_TORCH_PROBE, str(model_dir), str(threads)),
+        },
+        "goals": {
+            "ort_over_tvm_ge_1.0": med["ort"] / med["tvm_tuned"] >= 1.0,
+            "ort_over_tvm_ge_1.3": med["ort"] / med["tvm_tuned"] >= 1.3,
+            "torch_over_tvm_ge_1.5": med["torch"] / med["tvm_tuned"] >= 1.5,
+        },
+        "target": target.key,
+        "target_json": target.tvm_json,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny-space net, 4 trials per task")
+    ap.add_argument("--model", action="append", default=[], help="also a searched model DIR")
+    ap.add_argument("--trials", type=int, default=None, help="trials per unique task")
+    ap.add_argument("--target", default="x86", help="an x86 target spec (threads=N)")
+    ap.add_argument("--db", default=None, help="tuning LUT file (default: fresh temporary)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
+    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--min-repeat-ms", type=int, default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args()
+    args.trials = args.trials or (4 if args.quick else 32)
+    args.rounds = args.rounds or (2 if args.quick else 3)
+    args.min_repeat_ms = args.min_repeat_ms or (20 if args.quick else 100)
+    if parse_target(args.target).name != "x86":
+        ap.error("this benchmark compares engines on this machine: use an x86 target")
+    info = machine()
+    tmp = tempfile.TemporaryDirectory(prefix="codesign-peers-")
+    workdir = Path(tmp.name)
+    db = Path(args.db) if args.db else workdir / "tuning.sqlite"
+    t0 = time.time()
+    first = mobilenet_v2_style(workdir, args.quick)
+    label = "tiny-k3e6 (quick)" if args.quick else "mobilenetv2-style (proxyless k3e6)"
+    entries = [bench_model(first, label, args, workdir, db)]
+    for i, d in enumerate(args.model):
+        entries.append(bench_model(Path(d), f"searched-{i}:{Path(d).name}", args, workdir, db))
+    result = {
+        **entries[0],
+        "others": entries[1:],
+        "machine": info,
+        "protocol": {
+            "tvm": "time_evaluator median of --repeat samples >= --min-repeat-ms",
+            "torch_onnxruntime": "perf_counter, median of --repeat samples >= --min-repeat-ms",
+            "repeat": args.repeat,
+            "min_repeat_ms": args.min_repeat_ms,
+            "rounds": args.rounds,
+            "statistic": "median over interleaved rounds",
+        },
+        "seconds": round(time.time() - t0, 1),
+    }
+    write_result("runtime_vs_peers_quick" if args.quick else "runtime_vs_peers", result)
+    for e in entries:
+        print(
+            f"{e['model']} ({e['threads']} threads): TVM tuned {e['tvm_tuned_ms']} ms, untuned "
+            f"{e['tvm_untuned_ms']} ms, PyTorch {e['torch_ms']} ms, ONNX Runtime "
+            f"{e['onnxruntime_ms']} ms; ORT/TVM {e['ratio_ort_over_tvm']}x, PyTorch/TVM "
+            f"{e['ratio_torch_over_tvm']}x; tuning {e['tuning_trials']} trials in "
+            f"{e['tuning_seconds']:.0f} s"
+        )
+    print(json.dumps({"seconds": result["seconds"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Executors run a compiled library: `run(x) -> y` for one input, `time(x, protocol)`.
+
+`LocalExecutor` loads the library into this process (CPU or CUDA). `RemoteExecutor`
+(codesign.artifact.remote) runs it on an RPC server. Both load the exported library file, i.e.
+exactly what the artifact ships, never the in-memory compiler output.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from codesign.artifact.manifest import host_machine
+from codesign.errors import ArtifactError
+from codesign.measurement import Measurement, MeasureProtocol
+
+_FLUSH = "cache_flush_cpu_non_first_arg"
+
+
+class Executor(abc.ABC):
+    """Runs one compiled library on one device."""
+
+    where: str = ""  # human-readable description of the device
+    emulated: bool | None = False  # None: unknown (an RPC server may be an emulator)
+
+    @abc.abstractmethod
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Output of `main` for one input of the compiled shape and dtype."""
+
+    @abc.abstractmethod
+    def time(self, x: np.ndarray, protocol: MeasureProtocol) -> Measurement:
+        """Time `main` on the device with TVM's time_evaluator; never raises (see .error)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the device resources."""
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A VM result as numpy: a tensor, or the single tensor of a 1-tuple."""
+    if hasattr(value, "numpy"):
+        return value.numpy()
+    if isinstance(value, list | tuple) or hasattr(value, "__getitem__"):
+        return to_numpy(value[0])
+    raise ArtifactError(f"unexpected output of type {type(value).__name__} from the library")
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """'cpu', 'cuda' or 'cuda:N' -> (kind, index)."""
+    kind, _, idx = device.partition(":")
+    if kind not in ("cpu", "cuda") or (idx and not idx.isdigit()):
+        raise ArtifactError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'")
+    return kind, int(idx or 0)
+
+
+class LocalExecutor(Executor):
+    """Loads the library file with `tvm.runtime.load_module` into this process."""
+
+    def __init__(
+        self,
+        library: str | Path,
+        *,
+        machine: str,
+        device: str = "cpu",
+        threads: int | None = None,
+    ) -> None:
+        import tvm
+        from tvm import relax
+
+        if machine != host_machine():
+            raise ArtifactError(
+                f"this library is built for {machine} and cannot load on this {host_machine()} "
+                "machine; run it on a device of that kind (`codesign run --rpc-key KEY "
+                "--tracker HOST:PORT`, or codesign.artifact.remote.run_on_session)"
+            )
+        kind, index = parse_device(device)
+        self.dev = tvm.cuda(index) if kind == "cuda" else tvm.cpu(index)
+        if kind == "cuda" and not self.dev.exist:
+            raise ArtifactError(
+                "no CUDA device on this machine; load the artifact with device='cpu'"
+            )
+        if kind == "cpu" and threads:
+            from codesign.tvm_backend.runner import set_threads
+
+            set_threads(threads)
+        self.kind = kind
+        self.threads = threads
+        self.where = f"local {kind}:{index} ({host_machine()}, {threads or 'default'} threads)"
+        self.emulated = False
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), self.dev)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        import tvm
+
+        return to_numpy(self.vm["main"](tvm.runtime.tensor(x, self.dev)))
+
+    def time(self, x: np.ndarray, protocol: MeasureProtocol) -> Measurement:
+        import tvm
+
+        try:
+            evaluator = self.vm.time_evaluator(
+                "main",
+                self.dev,
+                number=protocol.number,
+                repeat=protocol.repeat,
+                min_repeat_ms=protocol.min_repeat_ms,
+                f_preproc=_FLUSH if protocol.cache_flush and self.kind == "cpu" else "",
+            )
+            return Measurement.from_samples(
+                list(evaluator(tvm.runtime.tensor(x, self.dev)).results)
+            )
+        except Exception as err:  # device-side failure: report, do not raise
+            return Measurement.failed(f"{type(err).__name__}: {err}")

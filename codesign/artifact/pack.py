@@ -1,0 +1,362 @@
+"""`compile_artifact`: model directory -> verified, self-describing archive for one target.
+
+    load DIR (model.json + weights.pt)
+    lower (torch.export -> Relax, BN folded, weights bound as constants)
+    [tune the network's tasks into a LUT file's tuning database]  --tune-trials N
+    apply the LUT file's tuning records                           --tuning-db PATH
+    compile_module (the one compile recipe) and export the library (cross-compiled for ARM)
+    on the target (local, or an RPC session for remote targets):
+        equality with PyTorch on validation inputs (refuses to write on mismatch)
+        accuracy on the validation split, latency with a MeasureProtocol
+    write model.tar: model.so, sample_input.npy, sample_output.npy, manifest.json
+
+Weights are embedded in the library as constants: the LUT was measured that way, constant
+folding at compile time lets layout transforms pre-transform them, and one file is simpler to
+ship. The consequence: new weights need a recompile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from codesign.artifact.checks import (
+    check_equality,
+    check_inputs,
+    compiled_accuracy,
+    validation_dataset,
+)
+from codesign.artifact.executor import Executor, LocalExecutor
+from codesign.artifact.manifest import FORMAT, LIBRARY, WEIGHTS_NOTE, expected_machine
+from codesign.artifact.verify import Artifact, verify_artifact
+from codesign.errors import ArtifactError
+from codesign.measurement import MeasureProtocol
+from codesign.targets import Target, parse_target
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """How `compile_artifact` tunes, checks and measures.
+
+    tune_trials: MetaSchedule trials per unique task of the network (0: no tuning);
+    tuning_db: the LUT file whose records are applied (and tuned into with tune_trials; by
+        default `<out>.tuning.sqlite` when tuning);
+    check_inputs: validation inputs for the equality check;
+    val_limit: validation images for the accuracy (None: all; 0: skip accuracy);
+    device_check: run the checks and the timing on the target device (for remote targets
+        over RPC); False runs the checks on a host build of the same Relax module and records
+        no latency;
+    emulated: whether the remote device is an emulator (recorded; None: unknown).
+    """
+
+    tune_trials: int = 0
+    tuning_db: Path | None = None
+    protocol: MeasureProtocol = MeasureProtocol()
+    check_inputs: int = 8
+    val_limit: int | None = None
+    seed: int = 0
+    device_check: bool = True
+    rpc_timeout_s: float = 60.0
+    emulated: bool | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class CompileReport:
+    artifact: Artifact
+    seconds: dict[str, float]
+
+    @property
+    def path(self) -> Path:
+        return self.artifact.path
+
+
+def _log(enabled: bool, msg: str) -> None:
+    if enabled:
+        print(f"[compile] {msg}", file=sys.stderr, flush=True)
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _tuning(
+    fused: Any, target: Target, out: Path, opts: CompileOptions
+) -> tuple[Any, dict[str, Any]]:
+    """Open (and tune into) the LUT file's tuning database; the manifest's tuning section."""
+    info: dict[str, Any] = {
+        "mode": "untuned",
+        "database": None,
+        "database_digest": None,
+        "target_key": target.key,
+        "trials_per_task": opts.tune_trials,
+        "seconds": 0.0,
+    }
+    if not opts.tune_trials and opts.tuning_db is None:
+        return None, info
+    from codesign.tvm_backend.database import open_tuning_database
+    from codesign.tvm_backend.tuning import extract_tasks, tune
+
+    db_path = Path(opts.tuning_db) if opts.tuning_db else out.with_name(out.name + ".tuning.sqlite")
+    if not opts.tune_trials and not db_path.exists():
+        raise ArtifactError(
+            f"tuning database {db_path} does not exist; give the LUT file built with "
+            "`codesign lut build --trials N`, or tune now with --tune-trials N"
+        )
+    database = open_tuning_database(db_path, target.key)
+    try:
+        taskset = extract_tasks({"network": fused}, target)
+        t0 = time.time()
+        if opts.tune_trials:
+            from tqdm import tqdm
+
+            todo = sum(1 for t in taskset.tasks if database.valid_count(t.mod) < opts.tune_trials)
+            with tqdm(
+                total=todo * opts.tune_trials,
+                desc=f"tune {todo}/{taskset.unique} tasks",
+                unit="trial",
+                disable=not opts.progress,
+                file=sys.stderr,
+            ) as bar:
+                report = tune(
+                    taskset,
+                    target,
+                    database,
+                    trials_per_task=opts.tune_trials,
+                    seed=opts.seed,
+                    on_trials=bar.update,
+                )
+            info.update(tuned_tasks=report.tuned_tasks, new_records=report.valid_records)
+        mods = taskset.mods_of("network")
+        covered = sum(database.best_record(m) is not None for m in mods)
+        if covered == 0:
+            keys = _record_targets(db_path)
+            raise ArtifactError(
+                f"no tuning record in {db_path} matches this network's {len(mods)} tasks for target "
+                f"{target.key} (the file has records for: {', '.join(keys) or 'no target'}). Use the "
+                "same target spec (threads, mcpu) the LUT was built with, or tune with --tune-trials N"
+            )
+        info.update(
+            mode="tuned",
+            database=db_path.name,
+            database_digest=database.digest(mods),
+            unique_tasks=taskset.unique,
+            tasks_with_records=covered,
+            seconds=round(time.time() - t0, 3),
+        )
+    except BaseException:
+        database.close()
+        raise
+    return database, info
+
+
+def _record_targets(db_path: Path) -> list[str]:
+    from codesign.lut import connect
+
+    con = connect(db_path, readonly=True)
+    try:
+        return [r[0] for r in con.execute("SELECT DISTINCT target FROM tuning_records")]
+    finally:
+        con.close()
+
+
+def _executor(
+    target: Target, lowered: Any, library: Path, tmp: Path, opts: CompileOptions
+) -> tuple[Executor, contextlib.ExitStack, bool]:
+    """Where the checks run: the target itself, or a host build when the device is not used;
+    the flag says whether it is the target device (only then is the latency measured)."""
+    stack = contextlib.ExitStack()
+    if target.is_remote and opts.device_check:
+        from codesign.artifact.remote import RemoteExecutor, request_session
+
+        session = request_session(
+            target.tracker or "", target.rpc_key or "", timeout_s=opts.rpc_timeout_s
+        )
+        ex = RemoteExecutor(
+            session,
+            library,
+            threads=target.threads,
+            emulated=opts.emulated,
+            where=f"rpc key {target.rpc_key} via tracker {target.tracker}",
+        )
+        return stack.enter_context(ex), stack, True
+    if target.is_remote or (target.device == "cuda" and not opts.device_check):
+        from codesign.tvm_backend.build import compile_module
+
+        host = parse_target(f"x86:threads={target.threads}")
+        path = compile_module(lowered, host).export(tmp / "host-substitute.so")
+        ex = LocalExecutor(path, machine=expected_machine(host.tvm_dict), threads=host.threads)
+        ex.where = f"host substitute ({host.key} build of the same Relax module; device not used)"
+        return stack.enter_context(ex), stack, False
+    ex = LocalExecutor(
+        library,
+        machine=expected_machine(target.tvm_dict),
+        device=target.device,
+        threads=target.threads,
+    )
+    return stack.enter_context(ex), stack, True
+
+
+def _input_info(meta: Any, input_shape: tuple[int, ...], name: str) -> dict[str, Any]:
+    ds = meta.dataset
+    classes = list(ds.classes) if ds else [str(i) for i in range(meta.blocks[-1].cout)]
+    prep = None
+    if ds is not None:
+        prep = {
+            "color": "L" if input_shape[1] == 1 else "RGB",
+            "mean": list(ds.mean),
+            "std": list(ds.std),
+            "layout": "NCHW",
+            "resize": "bilinear",
+            "pixel_range": [0.0, 255.0],
+        }
+    return {
+        "inputs": [
+            {"name": name, "shape": list(input_shape), "dtype": "float32", "layout": "NCHW"}
+        ],
+        "outputs": [{"name": "logits", "shape": [1, len(classes)], "dtype": "float32"}],
+        "classes": classes,
+        "preprocessing": prep,
+    }
+
+
+def compile_artifact(
+    model_dir: str | Path,
+    target: str | Target,
+    out: str | Path,
+    options: CompileOptions | None = None,
+) -> CompileReport:
+    """Compile the model in `model_dir` for `target` into the archive `out` (see module doc)."""
+    import tvm
+    import tvm_ffi
+
+    from codesign import __version__
+    from codesign.model_dir import load_model
+    from codesign.tvm_backend.build import PIPELINE, compile_module, prepare
+    from codesign.tvm_backend.lower import lower_module
+
+    opts = options or CompileOptions()
+    target, out = parse_target(target), Path(out)
+    if opts.tune_trials < 0 or opts.check_inputs < 1:
+        raise ArtifactError("--tune-trials must be >= 0 and --check-inputs >= 1")
+    seconds: dict[str, float] = {}
+    t_all = time.time()
+    net, meta = load_model(model_dir)
+    precisions = sorted({b.precision for b in meta.blocks})
+    if precisions != ["fp32"] or meta.policies.get("quantization"):
+        raise ArtifactError(
+            f"{model_dir} is quantized ({', '.join(precisions)}); compiling quantized networks "
+            "is not available yet: compile its float version"
+        )
+    input_shape = (1, *meta.dataset.input_shape) if meta.dataset else net.input_shape
+    _log(opts.progress, f"lowering {meta.arch or model_dir} at {input_shape} for {target.key}")
+    t0 = time.time()
+    lowered = lower_module(net, input_shape, label=meta.arch or str(model_dir))
+    fused = prepare(lowered.mod)
+    seconds["lower"] = time.time() - t0
+    database, tuning = _tuning(fused, target, out, opts)
+    t0 = time.time()
+    try:
+        built = compile_module(lowered, target, database, fused=fused)
+    finally:
+        if database is not None:
+            database.close()
+    seconds["compile"] = time.time() - t0
+    with tempfile.TemporaryDirectory(prefix="codesign-compile-") as tmpdir:
+        tmp = Path(tmpdir)
+        library = built.export(tmp / LIBRARY)
+        data = None
+        if meta.dataset is not None and opts.val_limit != 0:
+            data = validation_dataset(meta.dataset)
+        inputs = check_inputs(data, input_shape, opts.check_inputs, opts.seed)
+        executor, stack, on_device = _executor(target, lowered, library, tmp, opts)
+        with stack:
+            _log(opts.progress, f"checking on {executor.where}")
+            t0 = time.time()
+            equality, outs = check_equality(executor, net, inputs, precisions)
+            accuracy = (
+                compiled_accuracy(executor, net, data, opts.val_limit, opts.progress)
+                if data is not None
+                else None
+            )
+            seconds["check"] = time.time() - t0
+            latency, note = None, None
+            if not on_device:
+                note = f"not measured: the {target.key} device was not used (--no-device)"
+            else:
+                t0 = time.time()
+                m = executor.time(inputs[0], opts.protocol)
+                seconds["measure"] = time.time() - t0
+                if not m.ok:
+                    raise ArtifactError(f"timing on {executor.where} failed: {m.error}")
+                latency = {
+                    "median_ms": m.median_ms,
+                    "mean_ms": m.mean_ms,
+                    "std_ms": m.std_ms,
+                    "min_ms": m.min_ms,
+                    "max_ms": m.max_ms,
+                    "repeats": m.repeats,
+                    "samples_ms": list(m.samples_ms),
+                    "protocol": opts.protocol.to_dict(),
+                    "method": "TVM time_evaluator on the shipped library, batch 1; median of "
+                    "`repeat` samples, each the mean of >= `number` runs lasting >= "
+                    "`min_repeat_ms`, after one warm-up run",
+                    "measured_on": executor.where,
+                    "threads": target.threads,
+                    "emulated": executor.emulated,
+                    "host": socket.gethostname(),
+                }
+        files = {
+            LIBRARY: library.read_bytes(),
+            "sample_input.npy": _npy(inputs[0]),
+            "sample_output.npy": _npy(outs[0].astype("float32")),
+        }
+    weights = Path(model_dir) / "weights.pt"
+    manifest = {
+        "format": FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "codesign_version": __version__,
+        "library": LIBRARY,
+        **_input_info(meta, input_shape, lowered.mod["main"].params[0].name),
+        "target": {**target.to_dict(), "machine": expected_machine(target.tvm_dict)},
+        "tvm": {
+            "version": tvm.__version__,
+            "ffi_version": tvm_ffi.__version__,
+            "pipeline": PIPELINE,
+        },
+        "weights": {"storage": "embedded", "note": WEIGHTS_NOTE},
+        "model": {
+            "arch": meta.arch,
+            "space": meta.space,
+            "blocks": [b.key for b in meta.blocks],
+            "policies": {"quantization": None, "pruning": None, **meta.policies},
+            "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+            "dataset": meta.dataset.to_dict() if meta.dataset else None,
+            "recorded_accuracy": meta.accuracy,
+        },
+        "tuning": tuning,
+        "latency": latency,
+        "accuracy": accuracy,
+        "equality": equality,
+        "samples": {"input": "sample_input.npy", "output": "sample_output.npy"},
+    }
+    if latency is None:
+        manifest["latency_note"] = note
+    from codesign.artifact.archive import write_archive
+
+    write_archive(out, manifest, files)
+    seconds["total"] = time.time() - t_all
+    _log(opts.progress, f"wrote {out}")
+    return CompileReport(verify_artifact(out), seconds)

@@ -1,0 +1,233 @@
+"""`codesign compile | verify | run`: build, check and run shipped artifacts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compile",
+        help="compile a model directory into a verified artifact (.tar) for a target",
+        description="Compile DIR (model.json + weights.pt) for a target with the one compile "
+        "recipe, check the compiled outputs against PyTorch, measure accuracy and latency on the "
+        "target, and write one archive: the library (weights embedded), sample input/output and "
+        "manifest.json with sha256 of every file.",
+    )
+    p.add_argument("--model", required=True, help="model directory (model.json + weights.pt)")
+    p.add_argument("--target", required=True, help="target spec (see `codesign targets`)")
+    p.add_argument("--out", required=True, help="archive to write (.tar, or .tar.gz/.tgz)")
+    p.add_argument(
+        "--tune-trials",
+        type=int,
+        default=0,
+        help="MetaSchedule trials per unique task of the network (default 0: no tuning); "
+        "records go to --tuning-db, else OUT.tuning.sqlite (re-running resumes)",
+    )
+    p.add_argument(
+        "--tuning-db",
+        default=None,
+        help="LUT file whose tuning records are applied: the artifact uses exactly the "
+        "records the LUT was measured with",
+    )
+    p.add_argument("--repeat", type=int, default=10, help="timed samples (default 10)")
+    p.add_argument("--min-repeat-ms", type=int, default=50, help="ms per sample (default 50)")
+    p.add_argument(
+        "--check-inputs",
+        type=int,
+        default=8,
+        help="validation inputs for the equality check with PyTorch (default 8)",
+    )
+    p.add_argument(
+        "--val-limit",
+        type=int,
+        default=None,
+        help="validation images for the accuracy (default: all; 0: skip the accuracy)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for tuning and random inputs")
+    p.add_argument(
+        "--no-device",
+        action="store_true",
+        help="remote/GPU targets: do not use the device; check on a host build of the same "
+        "module and record no latency",
+    )
+    p.add_argument(
+        "--emulated",
+        action="store_true",
+        help="record that the remote device is an emulator (its timing is not real)",
+    )
+    p.add_argument("--rpc-timeout", type=float, default=60.0, help="seconds to get a server")
+    p.add_argument("--no-progress", action="store_true", help="hide progress output")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(func=_compile)
+
+    p = sub.add_parser(
+        "verify",
+        help="check an artifact: hashes, manifest schema, library architecture",
+    )
+    p.add_argument("artifact", help="archive written by `codesign compile`")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(func=_verify)
+
+    p = sub.add_parser(
+        "run",
+        help="run an artifact on an input, locally or on an RPC device; print top classes",
+    )
+    p.add_argument("artifact", help="archive written by `codesign compile`")
+    p.add_argument(
+        "--input",
+        required=True,
+        help=".npy (preprocessed input, (C,H,W) or (N,C,H,W)) or an image file",
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--rpc-key", default=None, help="run on an RPC server of this key")
+    p.add_argument("--tracker", default=None, help="RPC tracker HOST:PORT")
+    p.add_argument("--rpc-timeout", type=float, default=60.0, help="seconds to get a server")
+    p.add_argument("--top", type=int, default=5, help="classes to print (default 5)")
+    p.add_argument("--repeat", type=int, default=10, help="timed samples (default 10)")
+    p.add_argument("--min-repeat-ms", type=int, default=50, help="ms per sample (default 50)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_run)
+
+
+def _ms(value: Any) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.4g} ms"
+
+
+def _summary(m: Any, path: str) -> list[str]:
+    d = m.data
+    lat, acc, eq, tun = d.get("latency"), d.get("accuracy"), d["equality"], d["tuning"]
+    lines = [
+        f"{path}: {d['model'].get('arch') or 'network'} for {m.target_key} "
+        f"({m.machine} library, TVM {m.tvm_version}), input {m.input.name} "
+        f"{list(m.input.shape)} {m.input.dtype}, {len(m.classes)} classes",
+    ]
+    if lat:
+        p = lat["protocol"]
+        lines.append(
+            f"  latency {_ms(lat['median_ms'])} median of {p['repeat']} samples "
+            f"(>= {p['min_repeat_ms']} ms each) on {lat['measured_on']}"
+            + (" [emulated]" if lat.get("emulated") else "")
+        )
+    else:
+        lines.append(f"  latency: {d.get('latency_note')}")
+    if acc:
+        lines.append(
+            f"  accuracy {acc['top1']:.2f}% on {acc['n']} {acc['dataset']} validation images "
+            f"(PyTorch {acc['torch_top1']:.2f}%)"
+        )
+    lines.append(
+        f"  equal to PyTorch on {eq['n_inputs']} inputs: max abs error {eq['max_abs_err']:.3g} "
+        f"({eq['precision']} tolerance rtol {eq['rtol']:g}, atol {eq['atol']:g}) on "
+        f"{eq['checked_on']}"
+    )
+    if tun["mode"] == "tuned":
+        lines.append(
+            f"  tuned: {tun.get('tasks_with_records')}/{tun.get('unique_tasks')} tasks with "
+            f"records from {tun['database']} (digest {tun['database_digest']}), "
+            f"{tun['trials_per_task']} trials/task, {tun['seconds']:.1f} s"
+        )
+    else:
+        lines.append("  untuned (default schedules)")
+    return lines
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from codesign.artifact.pack import CompileOptions, compile_artifact
+    from codesign.errors import ArtifactError
+    from codesign.measurement import MeasureProtocol
+
+    if args.tune_trials < 0 or args.repeat < 1 or args.min_repeat_ms < 0:
+        raise ArtifactError(
+            "--tune-trials, --repeat and --min-repeat-ms must be >= 0 (repeat >= 1)"
+        )
+    opts = CompileOptions(
+        tune_trials=args.tune_trials,
+        tuning_db=Path(args.tuning_db) if args.tuning_db else None,
+        protocol=MeasureProtocol(repeat=args.repeat, min_repeat_ms=args.min_repeat_ms),
+        check_inputs=args.check_inputs,
+        val_limit=args.val_limit,
+        seed=args.seed,
+        device_check=not args.no_device,
+        rpc_timeout_s=args.rpc_timeout,
+        emulated=True if args.emulated else None,
+        progress=not args.no_progress,
+    )
+    report = compile_artifact(args.model, args.target, args.out, opts)
+    m = report.artifact.manifest
+    if args.json:
+        print(json.dumps(m.to_dict(), indent=2))
+    else:
+        size = report.path.stat().st_size
+        print(f"wrote {report.path} ({size / 1024:.0f} KiB) in {report.seconds['total']:.1f} s")
+        print("\n".join(_summary(m, str(report.path))))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from codesign.artifact.verify import verify_artifact
+
+    art = verify_artifact(args.artifact)
+    m = art.manifest
+    if args.json:
+        print(json.dumps(m.to_dict(), indent=2))
+        return 0
+    print(f"OK {args.artifact}: {len(m.files)} files match their sha256; manifest valid")
+    print(
+        f"   library {m.library} is an ELF {art.elf.bits}-bit {m.machine} shared object, "
+        f"as target {m.target_spec} needs"
+    )
+    print("\n".join(_summary(m, args.artifact)))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from codesign.artifact.predictor import load, read_input
+    from codesign.artifact.verify import verify_artifact
+    from codesign.errors import ArtifactError
+    from codesign.measurement import MeasureProtocol
+
+    session = None
+    where_remote = args.rpc_key or args.tracker
+    if where_remote:
+        from codesign.artifact.remote import request_session
+
+        target = verify_artifact(args.artifact).manifest.data["target"]
+        key = args.rpc_key or target.get("rpc_key")
+        tracker = args.tracker or target.get("tracker")
+        if not key or not tracker:
+            raise ArtifactError("remote runs need both --rpc-key KEY and --tracker HOST:PORT")
+        session = request_session(tracker, key, timeout_s=args.rpc_timeout)
+        where_remote = f"rpc key {key} via tracker {tracker}"
+    protocol = MeasureProtocol(repeat=args.repeat, min_repeat_ms=args.min_repeat_ms)
+    with load(args.artifact, args.device, session=session) as predictor:
+        x = predictor.check_input(read_input(args.input, predictor))
+        top = predictor.classify(x, top=args.top)
+        m = predictor.time(protocol)
+        where = where_remote or predictor.executor.where
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "top": [[{"class": c, "probability": p} for c, p in row] for row in top],
+                    "latency_ms": None if not m.ok else m.median_ms,
+                    "latency_error": m.error,
+                    "protocol": protocol.to_dict(),
+                    "device": where,
+                },
+                indent=2,
+            )
+        )
+        return 0 if m.ok else 1
+    for i, row in enumerate(top):
+        head = f"input {i}: " if len(top) > 1 else ""
+        print(head + ", ".join(f"{c} {p:.3f}" for c, p in row))
+    if m.ok:
+        print(f"latency {_ms(m.median_ms)} (median of {m.repeats}, batch 1) on {where}")
+        return 0
+    print(f"latency: timing failed on {where}: {m.error}")
+    return 1
