@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 
 import codesign
-from codesign.artifact.remote import request_session, server_counts, tracker_summary
-from codesign.errors import RemoteError
+from codesign.artifact.remote import request_session
+from codesign.errors import FarmError, RemoteError
+from codesign.farm.tracker import TrackerClient
 
 pytestmark = pytest.mark.rpc
 ROOT = Path(
@@ -96,9 +97,9 @@ def arm_tracker():
         deadline = time.time() + 180
         while True:
             try:
-                if server_counts(tracker_summary(address, timeout_s=5)).get(KEY):
+                if TrackerClient.at(address, timeout=5).summary().status(KEY).total:
                     break
-            except RemoteError:
+            except (RemoteError, FarmError):
                 pass
             if time.time() > deadline or any(p.poll() is not None for p in procs):
                 pytest.fail("the emulated arm64 RPC server did not register within 180 s")

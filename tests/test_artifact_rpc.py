@@ -24,10 +24,9 @@ import codesign
 from codesign.artifact.remote import (
     request_session,
     run_on_session,
-    server_counts,
-    tracker_summary,
 )
-from codesign.errors import RemoteError
+from codesign.errors import FarmError, RemoteError
+from codesign.farm.tracker import TrackerClient
 from codesign.measurement import MeasureProtocol
 
 pytestmark = pytest.mark.rpc
@@ -80,9 +79,9 @@ def tracker() -> Iterator[str]:
         deadline = time.time() + 120
         while True:
             try:
-                if server_counts(tracker_summary(address, timeout_s=5)).get(KEY):
+                if TrackerClient.at(address, timeout=5).summary().status(KEY).total:
                     break
-            except RemoteError:
+            except (RemoteError, FarmError):
                 pass
             if time.time() > deadline or any(p.poll() is not None for p in procs):
                 pytest.fail("the RPC tracker/server did not come up within 120 s")
@@ -96,8 +95,7 @@ def tracker() -> Iterator[str]:
 def _wait_free(address: str, timeout: float = 30) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        info = tracker_summary(address)["queue_info"].get(KEY, {})
-        if info.get("free"):
+        if TrackerClient.at(address).summary().status(KEY).free:
             return
         time.sleep(0.3)
     pytest.fail(f"the server of {KEY} did not become free again within {timeout} s")
@@ -147,7 +145,7 @@ def test_run_on_rpc_server_equals_local(tracker: str, x86_artifact: Path, tmp_pa
 
 def test_unknown_key_and_unreachable_tracker_fail_fast(tracker: str) -> None:
     t0 = time.time()
-    with pytest.raises(RemoteError, match=f"no RPC server is registered under key 'nope'.*{KEY}"):
+    with pytest.raises(RemoteError, match=f"no RPC server with key 'nope' is registered.*{KEY}"):
         request_session(tracker, "nope", timeout_s=60)
     assert time.time() - t0 < 10
     with pytest.raises(RemoteError, match="cannot reach the RPC tracker"):

@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
-import socket
-import struct
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,116 +23,46 @@ from typing import Any
 import numpy as np
 
 from codesign.artifact.executor import Executor, parse_device, to_numpy
-from codesign.errors import RemoteError
+from codesign.errors import FarmError, NoServerError, RemoteError
 from codesign.measurement import Measurement, MeasureProtocol
 
-_TRACKER_MAGIC = 0x2F271  # tvm.rpc.base.RPC_TRACKER_MAGIC
-_SUCCESS, _REQUEST, _SUMMARY = 0, 4, 6  # tvm.rpc.base.TrackerCode
 
+def _tracker(tracker: str, timeout_s: float) -> Any:
+    from codesign.farm.tracker import TrackerClient, parse_addr
 
-def parse_tracker(tracker: str) -> tuple[str, int]:
-    host, _, port = tracker.rpartition(":")
-    if not host or not port.isdigit():
-        raise RemoteError(f"tracker {tracker!r} must look like HOST:PORT (e.g. 127.0.0.1:9190)")
-    return host, int(port)
-
-
-def _send(sock: socket.socket, data: Any) -> None:
-    blob = json.dumps(data).encode()
-    sock.sendall(struct.pack("<i", len(blob)) + blob)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("the tracker closed the connection")
-        buf += chunk
-    return bytes(buf)
-
-
-def _recv(sock: socket.socket) -> Any:
-    (size,) = struct.unpack("<i", _recv_exact(sock, 4))
-    return json.loads(_recv_exact(sock, size).decode())
-
-
-def _open_tracker(tracker: str, timeout_s: float) -> socket.socket:
-    host, port = parse_tracker(tracker)
     try:
-        sock = socket.create_connection((host, port), timeout=timeout_s)
-    except OSError as err:
-        raise RemoteError(
-            f"cannot reach the RPC tracker at {tracker} ({err}); start one with "
-            "`python -m tvm.exec.rpc_tracker --host 127.0.0.1 --port PORT` or check --tracker"
-        ) from None
-    try:
-        sock.sendall(struct.pack("<i", _TRACKER_MAGIC))
-        if struct.unpack("<i", _recv_exact(sock, 4))[0] != _TRACKER_MAGIC:
-            raise RemoteError(f"{tracker} is not a TVM RPC tracker (bad handshake)")
-    except (OSError, ConnectionError) as err:
-        sock.close()
-        raise RemoteError(f"{tracker} is not answering as a TVM RPC tracker: {err}") from None
-    except RemoteError:
-        sock.close()
-        raise
-    return sock
-
-
-def _summary(sock: socket.socket, tracker: str) -> dict[str, Any]:
-    _send(sock, [_SUMMARY])
-    reply = _recv(sock)
-    if not isinstance(reply, list) or reply[0] != _SUCCESS or not isinstance(reply[1], dict):
-        raise RemoteError(f"RPC tracker {tracker} sent an invalid summary: {reply}")
-    return reply[1]
-
-
-def server_counts(summary: dict[str, Any]) -> dict[str, int]:
-    """Registered servers per key in a tracker summary."""
-    counts: dict[str, int] = {}
-    for server in summary.get("server_info", []):
-        key = str(server.get("key", "")).split(":", 1)[-1]
-        counts[key] = counts.get(key, 0) + 1
-    return counts
-
-
-def tracker_summary(tracker: str, *, timeout_s: float = 10.0) -> dict[str, Any]:
-    """The tracker's summary ({'queue_info': {key: {free, pending}}, 'server_info': [...]})."""
-    with _open_tracker(tracker, timeout_s) as sock:
-        try:
-            return _summary(sock, tracker)
-        except (OSError, ValueError) as err:
-            raise RemoteError(f"RPC tracker {tracker} failed: {err}") from None
+        parse_addr(tracker)
+    except FarmError as err:
+        raise RemoteError(f"{err} (e.g. 127.0.0.1:9190)") from None
+    return TrackerClient.at(tracker, timeout=min(timeout_s, 10.0))
 
 
 def request_server(
     tracker: str, key: str, *, timeout_s: float = 60.0, priority: int = 1
 ) -> tuple[str, int, str]:
-    """(host, port, matchkey) of a free server for `key`, or RemoteError within `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    with _open_tracker(tracker, timeout_s) as sock:
-        try:
-            sock.settimeout(max(0.1, deadline - time.monotonic()))
-            counts = server_counts(_summary(sock, tracker))
-            if not counts.get(key):
-                raise RemoteError(
-                    f"no RPC server is registered under key {key!r} at {tracker} (registered: "
-                    f"{', '.join(sorted(counts)) or 'none'}); start one or pick another --rpc-key"
-                )
-            sock.settimeout(max(0.1, deadline - time.monotonic()))
-            _send(sock, [_REQUEST, key, "", priority])
-            reply = _recv(sock)
-        except TimeoutError:
-            raise RemoteError(
-                f"no free RPC server for key {key!r} at {tracker} within {timeout_s:g} s "
-                "(all busy or unresponsive); retry later or raise the timeout"
-            ) from None
-        except (OSError, ValueError, IndexError, AttributeError) as err:
-            raise RemoteError(f"RPC tracker {tracker} failed: {err}") from None
-    if not isinstance(reply, list) or reply[0] != _SUCCESS:
-        raise RemoteError(f"RPC tracker {tracker} refused the request for {key!r}: {reply}")
-    url, port_, matchkey = reply[1]
-    return str(url), int(port_), str(matchkey)
+    """(host, port, matchkey) of a free server for `key`, or RemoteError within `timeout_s`.
+
+    Speaks the tracker protocol with deadlines (codesign.farm.tracker): TVM's own request
+    blocks forever when the key has no free server. A key with no server fails at once.
+    """
+    from codesign.farm.tracker import RequestTimeout, TrackerUnavailable
+
+    client = _tracker(tracker, timeout_s)
+    try:
+        client.check_key(key)
+        got = client.request(key, timeout=timeout_s, priority=priority)
+    except TrackerUnavailable as err:
+        raise RemoteError(f"cannot reach the RPC tracker at {tracker}: {err}") from None
+    except NoServerError as err:
+        raise RemoteError(str(err)) from None
+    except RequestTimeout:
+        raise RemoteError(
+            f"no free RPC server for key {key!r} at {tracker} within {timeout_s:g} s "
+            "(all busy or unresponsive); retry later or raise the timeout"
+        ) from None
+    except FarmError as err:
+        raise RemoteError(f"RPC tracker {tracker} failed: {err}") from None
+    return got.host, got.port, got.matchkey
 
 
 def request_session(
