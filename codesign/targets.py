@@ -191,7 +191,9 @@ def parse_target(spec: str | Target) -> Target:
     )
 
 
+@functools.cache
 def _host_threads() -> int:
+    """CPUs this process may use, read once (TVM's thread pool later pins threads)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux

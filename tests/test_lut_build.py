@@ -19,7 +19,11 @@ from codesign.lut_build import build_lut
 
 def test_untuned_build_measures_then_reuses(lut_path: Path, tiny, x86, quick) -> None:
     blocks = tiny.blocks()[:3]
+    cpus = os.sched_getaffinity(0)
     r1 = build_lut(tiny, x86, lut_path, protocol=quick, blocks=blocks, progress=False)
+    # TVM's thread pool pins the calling thread; measuring must not leave this process (and the
+    # PyTorch training that may follow in it) on one core
+    assert os.sched_getaffinity(0) == cpus
     assert (r1.measured, r1.reused, r1.failed) == (3, 0, [])
     with LatencyTable(lut_path) as t:
         entries = {e.key: e for e in t.entries(x86.key, "untuned")}

@@ -8,6 +8,9 @@ returns a Measurement with `error` set instead of raising.
 from __future__ import annotations
 
 import abc
+import contextlib
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -39,6 +42,23 @@ def random_input(shape: tuple[int, ...], dtype: str, seed: int = 0) -> np.ndarra
     return rng.standard_normal(shape).astype(dtype)
 
 
+@contextlib.contextmanager
+def affinity_kept() -> Iterator[None]:
+    """Restore this thread's CPU mask after TVM runs: the runtime's thread pool pins the calling
+    thread to one core, which would leave later work in the process (PyTorch training, the
+    host-thread count of `parse_target`) on that single core."""
+    try:
+        saved = os.sched_getaffinity(0)
+    except AttributeError:  # pragma: no cover - non-Linux
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, saved)
+
+
 def set_threads(threads: int) -> None:
     """Resize the TVM runtime thread pool of this process."""
     import tvm
@@ -53,6 +73,10 @@ class LocalRunner(Runner):
         self.seed = seed
 
     def run(self, built: Built, protocol: MeasureProtocol) -> Measurement:
+        with affinity_kept():
+            return self._run(built, protocol)
+
+    def _run(self, built: Built, protocol: MeasureProtocol) -> Measurement:
         import tvm
         from tvm import relax
 

@@ -16,6 +16,7 @@ import numpy as np
 from codesign.artifact.manifest import host_machine
 from codesign.errors import ArtifactError
 from codesign.measurement import Measurement, MeasureProtocol
+from codesign.tvm_backend.runner import affinity_kept
 
 _FLUSH = "cache_flush_cpu_non_first_arg"
 
@@ -100,9 +101,14 @@ class LocalExecutor(Executor):
     def run(self, x: np.ndarray) -> np.ndarray:
         import tvm
 
-        return to_numpy(self.vm["main"](tvm.runtime.tensor(x, self.dev)))
+        with affinity_kept():
+            return to_numpy(self.vm["main"](tvm.runtime.tensor(x, self.dev)))
 
     def time(self, x: np.ndarray, protocol: MeasureProtocol) -> Measurement:
+        with affinity_kept():
+            return self._time(x, protocol)
+
+    def _time(self, x: np.ndarray, protocol: MeasureProtocol) -> Measurement:
         import tvm
 
         try:
