@@ -61,6 +61,7 @@ class SearchConfig:
     strategy: str = "proxyless"
     epochs: int = 4
     retrain_epochs: int = 6
+    baselines: tuple[str, ...] = ("k3e3", "k3e6", "k7e6")  # uniform networks to compare with
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,7 @@ class CompressConfig:
     method: str = "none"  # none | amc | haq
     episodes: int = 20
     finetune_epochs: int = 2
+    budget_fraction: float = 0.75  # of the searched network's predicted latency
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +113,8 @@ class PipelineConfig:
             raise ConfigError(
                 f"[compress] method must be none, amc or haq, got {self.compress.method!r}"
             )
+        if not 0 < self.compress.budget_fraction <= 1:
+            raise ConfigError("[compress] budget_fraction must be in (0, 1]")
         if self.search.strategy not in ("proxyless", "evolution"):
             raise ConfigError("[search] strategy must be proxyless or evolution")
         for name, value in (
@@ -154,9 +158,10 @@ def from_dict(data: dict[str, Any]) -> PipelineConfig:
                 f"{', '.join(sorted(known))}"
             )
         values = dict(values)
-        if section == "target" and "targets" in values:
-            t = values["targets"]
-            values["targets"] = (t,) if isinstance(t, str) else tuple(t)
+        for key in ("targets", "baselines"):
+            if key in values:
+                t = values[key]
+                values[key] = (t,) if isinstance(t, str) else tuple(t)
         try:
             cfg = replace(cfg, **{section: cls(**{**asdict(getattr(cfg, section)), **values})})
         except TypeError as err:
@@ -176,3 +181,30 @@ def load_config(path: str | Path | None) -> PipelineConfig:
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from None
     return from_dict(data)
+
+
+def _toml_value(v: Any) -> str:
+    if v is None:
+        raise TypeError
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+
+
+def to_toml(cfg: PipelineConfig) -> str:
+    """`cfg` as a TOML file that `load_config` reads back to the same value (unset keys, like
+    latency_ms = None, are written as comments)."""
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if value is None:
+                lines.append(f"# {key} =   (unset: default)")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)

@@ -62,6 +62,7 @@ def pareto(points: Sequence[dict[str, Any]], path: str | Path, budget_ms: float 
         "searched": ("tab:red", "*", 140),
         "baseline": ("tab:grey", "o", 40),
         "compressed": ("tab:purple", "D", 60),
+        "shipped": ("tab:purple", "D", 60),
     }
     for kind, (color, marker, size) in styles.items():
         pts = [p for p in points if p.get("kind") == kind]

@@ -48,8 +48,14 @@ class StageRecord:
 class StageRunner:
     """Runs named stages under `out_dir/stages`, skipping those already done with the same inputs."""
 
-    def __init__(self, out_dir: str | Path, log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        log: Callable[[str], None] | None = None,
+        total: int | None = None,
+    ) -> None:
         self.out = Path(out_dir)
+        self.total = total
         self.root = self.out / "stages"
         self.root.mkdir(parents=True, exist_ok=True)
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -72,19 +78,23 @@ class StageRunner:
         self, name: str, inputs: dict[str, Any], fn: Callable[[Path], dict[str, Any]]
     ) -> dict[str, Any]:
         digest = digest_of(inputs)
+        n = len(self.ran) + len(self.skipped) + 1
+        name_shown = f"{n}/{self.total} {name}" if self.total else name
         rec = self.record(name)
         work = self.workdir(name)
         if rec is not None and rec.completed and rec.inputs_digest == digest:
-            self.log(f"[{name}] up to date (inputs {digest}), skipped")
+            self.log(f"[{name_shown}] up to date (inputs {digest}), skipped")
             self.skipped.append(name)
             return rec.outputs
         if rec is not None and rec.inputs_digest != digest and work.exists():
-            self.log(f"[{name}] inputs changed ({rec.inputs_digest} -> {digest}): starting over")
+            self.log(
+                f"[{name_shown}] inputs changed ({rec.inputs_digest} -> {digest}): starting over"
+            )
             shutil.rmtree(work)
         elif work.exists():
-            self.log(f"[{name}] resuming")
+            self.log(f"[{name_shown}] resuming")
         else:
-            self.log(f"[{name}] running")
+            self.log(f"[{name_shown}] running")
         work.mkdir(parents=True, exist_ok=True)
         self._write(StageRecord(name, digest, inputs, {}, False, 0.0))
         t0 = time.time()
@@ -95,7 +105,7 @@ class StageRunner:
                 name, digest, inputs, outputs, True, seconds, time.strftime("%Y-%m-%dT%H:%M:%S")
             )
         )
-        self.log(f"[{name}] done in {seconds:.0f} s")
+        self.log(f"[{name_shown}] done in {seconds:.0f} s")
         self.ran.append(name)
         return outputs
 

@@ -1,0 +1,93 @@
+"""Run every benchmark, one after the other (they time things: never in parallel), and print the
+headline figure of each from its result file.
+
+    python benchmarks/run_all.py            # every benchmark in --quick mode (about an hour)
+    python benchmarks/run_all.py --full     # full modes (several hours on 2 cores)
+    python benchmarks/run_all.py --only lut_build,latency_model
+
+A benchmark that fails is reported and the others still run; the exit status says whether all
+passed. Each writes benchmarks/results/<name>[_quick].json (see the script's docstring).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+BENCHMARKS = (
+    "lut_build",
+    "latency_model",
+    "runtime_vs_peers",
+    "farm",
+    "nas",
+    "haq",
+    "amc",
+)
+
+
+def _headline(name: str, data: dict) -> str:
+    """One line per benchmark: the figure its issue asks for."""
+    try:
+        if name == "lut_build":
+            return (
+                f"{data['blocks']} blocks, {data['unique_tasks']} unique tasks of "
+                f"{data['total_tasks']}; tuned/untuned median speedup "
+                f"{data['speedup_median']:.2f}x"
+            )
+        if name == "latency_model":
+            r = data["results"]
+            return ", ".join(
+                f"{k}: RMSPE {r[k]['rmspe'] * 100:.1f}%, ±10% {r[k]['within10'] * 100:.0f}%"
+                for k in ("lut_only", "flops_linear", "lut_xgb")
+            )
+        if name == "nas":
+            return json.dumps(data.get("summary", data.get("searched", "")))[:160]
+        if name in ("haq", "amc"):
+            keys = ("speedup_vs_fp32", "speedup", "acc_drop", "haq_acc", "amc_acc")
+            return ", ".join(f"{k} {data[k]}" for k in keys if k in data)
+    except (KeyError, TypeError):
+        pass
+    return ", ".join(f"{k}={v}" for k, v in data.items() if isinstance(v, int | float))[:160]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--full", action="store_true", help="full modes instead of --quick")
+    ap.add_argument("--only", default="", help="comma-separated subset of " + ",".join(BENCHMARKS))
+    args = ap.parse_args()
+    names = [n for n in args.only.split(",") if n] or list(BENCHMARKS)
+    unknown = sorted(set(names) - set(BENCHMARKS))
+    if unknown:
+        ap.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+    suffix = "" if args.full else "_quick"
+    status: dict[str, tuple[int, float]] = {}
+    for name in names:
+        script = HERE / f"{name}.py"
+        if not script.exists():
+            print(f"== {name}: {script.name} missing, skipped", flush=True)
+            status[name] = (-1, 0.0)
+            continue
+        cmd = [sys.executable, str(script)] + ([] if args.full else ["--quick"])
+        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.time()
+        rc = subprocess.call(cmd)
+        status[name] = (rc, time.time() - t0)
+    print("\nbenchmark          status   minutes  headline")
+    for name, (rc, secs) in status.items():
+        result = RESULTS / f"{name}{suffix}.json"
+        line = ""
+        if rc == 0 and result.exists():
+            line = _headline(name, json.loads(result.read_text()))
+        state = "ok" if rc == 0 else ("missing" if rc < 0 else f"rc={rc}")
+        print(f"{name:<18} {state:<8} {secs / 60:>7.1f}  {line}")
+    return 0 if all(rc == 0 for rc, _ in status.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

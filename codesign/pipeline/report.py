@@ -1,0 +1,288 @@
+"""The pipeline's report: DIR/report.md (figures as PNG files beside it) and DIR/report.html
+(self-contained: figures embedded as base64, no scripts, no network), from summary.json."""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+from pathlib import Path
+from typing import Any
+
+from codesign.pipeline import plots
+from codesign.pipeline.config import PipelineConfig
+
+
+def _f(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_f(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _figures(out: Path, cfg: PipelineConfig, s: dict[str, Any]) -> dict[str, Path]:
+    from codesign.search.space import get_space
+
+    figs: dict[str, Path] = {}
+    fig_dir = out / "figures"
+    space = get_space(cfg.task.space)
+    search = s["search"]
+    figs["arch"] = plots.draw_arch(space, space.decode(search["arch"]), fig_dir / "arch.png")
+    points = [
+        {"label": p["label"], "acc": p["acc"], "ms": p["ms"], "kind": "baseline"}
+        for p in s["baselines"]
+    ]
+    points.append(
+        {
+            "label": "searched",
+            "acc": search["accuracy"],
+            "ms": search["measured_ms"],
+            "kind": "searched",
+        }
+    )
+    art = s["artifact"]
+    if art["latency_ms"] is not None and art["accuracy"] is not None:
+        method = s["compress"]["method"]
+        points.append(
+            {
+                "label": "artifact" if method == "none" else f"artifact ({method})",
+                "acc": art["accuracy"],
+                "ms": art["latency_ms"],
+                "kind": "shipped",
+            }
+        )
+    figs["pareto"] = plots.pareto(points, fig_dir / "pareto.png", s["budget"]["budget_ms"])
+    scatter = s["latency"].get("scatter")
+    if scatter and Path(scatter).exists():
+        figs["scatter"] = Path(scatter)
+    policy = s["compress"].get("per_layer")
+    if policy:
+        figs["policy"] = plots.per_layer(
+            policy["values"],
+            policy["labels"],
+            fig_dir / "policy.png",
+            policy["ylabel"],
+            policy["title"],
+        )
+    return figs
+
+
+def _markdown(cfg: PipelineConfig, s: dict[str, Any], figs: dict[str, Path], out: Path) -> str:
+    search, art, budget = s["search"], s["artifact"], s["budget"]
+    rel = {k: v.relative_to(out) if v.is_relative_to(out) else v for k, v in figs.items()}
+    best_base = [p for p in s["baselines"] if p["ms"] <= budget["budget_ms"]]
+    lines = [
+        f"# codesign report: {cfg.task.space} on {cfg.task.dataset} for {search['target']}",
+        "",
+        "## Result",
+        "",
+        _table(
+            ["item", "value"],
+            [
+                ["architecture", f"`{search['arch']}`"],
+                ["latency budget (ms)", budget["budget_ms"]],
+                [
+                    "searched: predicted / measured (ms)",
+                    f"{_f(search['predicted_ms'])} / {_f(search['measured_ms'])}",
+                ],
+                ["searched: validation accuracy (%)", search["accuracy"]],
+                ["compression", s["compress"]["method"]],
+                ["shipped artifact: measured latency (ms)", art["latency_ms"]],
+                ["shipped artifact: accuracy, compiled (%)", art["accuracy"]],
+                ["re-loaded with the plain runtime (ms)", s["verify"]["reloaded_ms"]],
+                [
+                    "best baseline within budget",
+                    max(best_base, key=lambda p: p["acc"])["label"] if best_base else "none",
+                ],
+            ],
+        ),
+        "",
+        f"![architecture]({rel['arch']})",
+        "",
+        "Each bar is a searchable layer: height = expansion, colour = kernel, hatched = skipped.",
+        "",
+        "## Accuracy vs measured latency",
+        "",
+        f"![pareto]({rel['pareto']})",
+        "",
+        _table(
+            ["network", "accuracy (%)", "measured ms", "within budget"],
+            [
+                [p["label"], p["acc"], p["ms"], "yes" if p["ms"] <= budget["budget_ms"] else "no"]
+                for p in s["baselines"]
+            ]
+            + [
+                [
+                    "searched",
+                    search["accuracy"],
+                    search["measured_ms"],
+                    "yes" if search["target_met"] else "no",
+                ]
+            ],
+        ),
+        "",
+        "Baselines are uniform networks of the space trained with the searched network's recipe; "
+        "every latency is measured on the target with the compiler and tuning records that build "
+        "the artifact.",
+        "",
+        "## Latency model",
+        "",
+    ]
+    lat = s["latency"]
+    if lat.get("fitted"):
+        rows = [
+            [name, m["rmspe"] * 100, m["mape"] * 100, m["within5"] * 100, m["within10"] * 100]
+            for name, m in lat["held_out"].items()
+        ]
+        lines += [
+            f"Fitted on {lat['fit']['n_train']} measured networks, held out "
+            f"{lat['fit']['n_test']} (residual form: {lat['fit']['form']}).",
+            "",
+            _table(["method", "RMSPE %", "MAPE %", "±5 %", "±10 %"], rows),
+            "",
+        ]
+        if "scatter" in rel:
+            lines += [f"![latency model]({rel['scatter']})", ""]
+    else:
+        lines += ["LUT sum only (no whole networks measured: [latency] networks = 0).", ""]
+    comp = s["compress"]
+    lines += ["## Compression", ""]
+    if comp["method"] == "none":
+        lines += ["None ([compress] method = none): the searched network is shipped.", ""]
+    else:
+        lines += [f"Method: {comp['method']}; policy `{comp.get('policy', '')}`.", ""]
+        for k in ("before", "after"):
+            if k in comp:
+                lines.append(f"- {k}: {comp[k]}")
+        if "policy" in rel:
+            lines += ["", f"![policy]({rel['policy']})"]
+        lines.append("")
+    lines += ["## Artifacts", ""]
+    rows = []
+    for target, a in s["artifacts"].items():
+        m = a["manifest"]
+        lat_ms = (m.get("latency") or {}).get("median_ms")
+        acc = (m.get("accuracy") or {}).get("top1")
+        eq = m.get("equality") or {}
+        rows.append(
+            [target, Path(a["artifact"]).name, a["sha256"], lat_ms, acc, eq.get("max_abs_err")]
+        )
+    lines += [
+        _table(
+            ["target", "file", "sha256 (16)", "latency ms", "accuracy %", "max abs diff vs torch"],
+            rows,
+        ),
+        "",
+        "Load with `codesign.load(path)` or `codesign run`; `codesign verify` checks the hashes.",
+        "",
+        "## Provenance",
+        "",
+    ]
+    first = next(iter(s["artifacts"].values()))["manifest"]
+    lines += [
+        _table(
+            ["item", "value"],
+            [
+                [
+                    "TVM",
+                    f"{first['tvm']['version']} (ffi {first['tvm']['ffi_version']}, "
+                    f"pipeline {first['tvm']['pipeline']})",
+                ],
+                ["target", f"`{first['target'].get('spec', search['target'])}`"],
+                [
+                    "tuning",
+                    f"{cfg.lut.trials} MetaSchedule trials per task"
+                    if cfg.lut.trials
+                    else "none (TVM default schedules)",
+                ],
+                [
+                    "measurement",
+                    f"median of {cfg.lut.repeat} samples, >= {cfg.lut.min_repeat_ms} ms each",
+                ],
+                ["seed", cfg.task.seed],
+                [
+                    "stages run / skipped",
+                    f"{', '.join(s['stages']['ran']) or '–'} / "
+                    f"{', '.join(s['stages']['skipped']) or '–'}",
+                ],
+            ],
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _inline(md: str) -> str:
+    out = html.escape(md)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    return out
+
+
+def _html(md: str, figs: dict[str, Path], out: Path, title: str) -> str:
+    """A small Markdown subset (headings, tables, images, lists, paragraphs) to HTML."""
+    by_rel = {}
+    for p in figs.values():
+        key = str(p.relative_to(out) if p.is_relative_to(out) else p)
+        by_rel[key] = base64.b64encode(p.read_bytes()).decode()
+    body: list[str] = []
+    lines = md.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+        elif line.startswith("!["):
+            alt, src = re.match(r"!\[([^\]]*)\]\(([^)]+)\)", line).groups()
+            data = by_rel.get(src)
+            if data:
+                body.append(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">')
+        elif line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                if not set(lines[i]) <= set("|-: "):
+                    rows.append([c.strip() for c in lines[i].strip("|").split("|")])
+                i += 1
+            head, *rest = rows
+            body.append(
+                "<table><tr>"
+                + "".join(f"<th>{_inline(c)}</th>" for c in head)
+                + "</tr>"
+                + "".join(
+                    "<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rest
+                )
+                + "</table>"
+            )
+            continue
+        elif line.startswith("- "):
+            body.append(f"<ul><li>{_inline(line[2:])}</li></ul>")
+        elif line.strip():
+            body.append(f"<p>{_inline(line)}</p>")
+        i += 1
+    style = (
+        "body{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+        "font-size:14px;text-align:left}img{max-width:100%;margin:0.5em 0}"
+        "code{background:#f3f3f3;padding:1px 3px}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+
+
+def write_report(out: Path, cfg: PipelineConfig, summary: dict[str, Any]) -> tuple[Path, Path]:
+    """Write OUT/report.md and OUT/report.html; returns their paths."""
+    figs = _figures(out, cfg, summary)
+    md = _markdown(cfg, summary, figs, out)
+    md_path, html_path = out / "report.md", out / "report.html"
+    md_path.write_text(md)
+    html_path.write_text(_html(md, figs, out, md.splitlines()[0].lstrip("# ")))
+    return md_path, html_path

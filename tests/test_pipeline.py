@@ -1,0 +1,171 @@
+"""`codesign pipeline`: configuration, stage caching and invalidation, and one real end-to-end run
+on the tiny space (digits, small budgets) that is interrupted and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from codesign.pipeline.config import ConfigError, PipelineConfig, from_dict, load_config, to_toml
+from codesign.pipeline.stages import StageRunner
+
+
+# ------------------------------------------------------------------ configuration
+def test_default_config_round_trips_through_toml(tmp_path: Path) -> None:
+    cfg = load_config(None)
+    assert cfg == PipelineConfig()
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(cfg))
+    assert load_config(path) == cfg
+    changed = from_dict({"search": {"baselines": "k5e6"}, "target": {"latency_ms": 0.5}})
+    path.write_text(to_toml(changed))
+    assert load_config(path) == changed and changed.search.baselines == ("k5e6",)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"serach": {}}, r"unknown section \[serach\]"),
+        ({"search": {"epoch": 3}}, r"unknown key\(s\) epoch in \[search\]"),
+        ({"compress": {"method": "prune"}}, "none, amc or haq"),
+        ({"target": {"targets": ["x87"]}}, "x87"),
+        ({"task": {"space": "nope"}}, "nope"),
+        ({"latency": {"networks": 3}}, "at least 8"),
+    ],
+)
+def test_bad_config_is_a_clear_error(data: dict, match: str) -> None:
+    from codesign.errors import CodesignError
+
+    with pytest.raises(CodesignError, match=match):
+        from_dict(data)
+
+
+def test_missing_or_broken_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "none.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[task\nspace = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+# ------------------------------------------------------------------ stage runner
+def test_stages_skip_resume_and_invalidate(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def stage(tag: str):
+        def fn(work: Path) -> dict:
+            calls.append(tag)
+            (work / "partial").write_text(tag)
+            return {"value": tag}
+
+        return fn
+
+    r = StageRunner(tmp_path, log=lambda m: None)
+    assert r.run("a", {"x": 1}, stage("a1")) == {"value": "a1"}
+    r = StageRunner(tmp_path, log=lambda m: None)
+    assert r.run("a", {"x": 1}, stage("a2")) == {"value": "a1"}  # same inputs: cached
+    assert calls == ["a1"] and r.skipped == ["a"]
+
+    # an interrupted stage keeps its work directory and resumes with the same inputs
+    def interrupted(work: Path) -> dict:
+        (work / "checkpoint").write_text("epoch 3")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        r.run("b", {"x": 1}, interrupted)
+    assert not r.record("b").completed
+
+    def resumed(work: Path) -> dict:
+        return {"resumed_from": (work / "checkpoint").read_text()}
+
+    assert r.run("b", {"x": 1}, resumed) == {"resumed_from": "epoch 3"}
+
+    # changed inputs: the work directory is cleared and the stage runs again
+    def fresh(work: Path) -> dict:
+        return {"stale_checkpoint": (work / "checkpoint").exists()}
+
+    assert r.run("b", {"x": 2}, fresh) == {"stale_checkpoint": False}
+    # a damaged record only means the stage runs again
+    (tmp_path / "stages" / "a.json").write_text("{not json")
+    assert r.run("a", {"x": 1}, stage("a3")) == {"value": "a3"}
+
+
+# ------------------------------------------------------------------ end to end
+SMALL = """
+[task]
+dataset = "digits"
+[lut]
+repeat = 3
+min_repeat_ms = 10
+[latency]
+networks = 8
+[search]
+epochs = 1
+retrain_epochs = 1
+baselines = ["k3e3", "k7e6"]
+"""
+
+
+def _stage_state(out: Path, name: str) -> dict | None:
+    path = out / "stages" / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def test_pipeline_end_to_end_interrupted_and_resumed(tmp_path: Path) -> None:
+    """A real run on the tiny space: interrupted (SIGINT) during the search, resumed without
+    redoing the LUT and the latency model; a third run has nothing left to do."""
+    from codesign.pipeline import run
+
+    cfg_file, out = tmp_path / "small.toml", tmp_path / "out"
+    cfg_file.write_text(SMALL)
+    cmd = [sys.executable, "-m", "codesign.cli.main", "pipeline", "--config", str(cfg_file)]
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(out), "--no-progress"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 600
+        while _stage_state(out, "search") is None:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < deadline, "the search stage never started"
+            time.sleep(0.5)
+        time.sleep(3)
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0, "the pipeline finished before it could be interrupted"
+    assert "interrupted" in err.lower(), err[-2000:]
+    assert _stage_state(out, "latency")["completed"]
+    assert not _stage_state(out, "search")["completed"]
+
+    res = run(load_config(cfg_file), out, progress=False)
+    assert res.summary["stages"]["skipped"] == ["lut", "latency"]
+    assert res.summary["stages"]["ran"] == ["search", "baselines", "compress", "compile", "verify"]
+    s = res.summary
+    assert res.artifact.exists() and s["artifact"]["latency_ms"] > 0
+    assert 0 <= s["artifact"]["accuracy"] <= 100
+    assert s["verify"]["max_abs_err"] < 1e-3
+    assert {p["label"] for p in s["baselines"]} == {"k3e3", "k7e6"}
+    assert s["budget"]["smallest_ms"] < s["budget"]["budget_ms"] < s["budget"]["largest_ms"]
+    html = res.report_html.read_text()
+    assert html.count("data:image/png;base64,") >= 3  # arch, pareto, latency scatter
+    assert "http" not in html.replace("http-equiv", "")  # self-contained
+    md = res.report_md.read_text()
+    assert s["search"]["arch"] in md and "## Provenance" in md
+
+    again = run(load_config(cfg_file), out, progress=False)
+    assert again.summary["stages"]["ran"] == []
+    assert again.summary["artifact"] == s["artifact"]
