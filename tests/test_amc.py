@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -102,6 +103,22 @@ def test_every_policy_meets_the_budget(setup, tmp_path) -> None:
         env_for(setup, 0.01, CONFIG)
 
 
+def test_uniform_baseline_and_rewards(setup) -> None:
+    env = env_for(setup, 0.7, CONFIG)
+    policy, ratio = env.uniform_policy()
+    assert env.latency(policy.counts(env.st)) <= env.budget_ms
+    assert ratio < 1.0 and env.latency(env.uniform_counts(round(ratio + 0.01, 6))) > env.budget_ms
+    assert len({r for _, r in policy.ratios}) > 1  # one ratio, rounded per unit to allowed widths
+    acc = env.score(policy)
+    alt = env_for(setup, 0.7, replace(CONFIG, reward="error_log_latency")).score(policy)
+    assert alt["acc"] == acc["acc"] and acc["reward"] == pytest.approx(acc["acc"] / 100)
+    expected = -(1 - acc["acc"] / 100) * math.log(acc["latency_ms"] * 1000)
+    assert alt["reward"] == pytest.approx(expected)
+    for bad in ({"lbound": 0.0}, {"reward": "flops"}, {"divisor": 0}):
+        with pytest.raises(PruneError):
+            replace(CONFIG, **bad)
+
+
 def test_search_is_seeded_and_resumes_exactly(setup, tmp_path) -> None:
     whole = run_search(env_for(setup, 0.7, CONFIG), CONFIG, out=tmp_path / "a", progress=False)
     short = replace(CONFIG, episodes=5)
@@ -187,3 +204,25 @@ def test_cli_prunes_fine_tunes_compiles_and_resumes(setup, tmp_path) -> None:
     bad[bad.index("--model") + 1] = str(tmp_path / "nope")
     run = subprocess.run([*CLI, *bad], capture_output=True, text=True, timeout=600)
     assert run.returncode == 2 and "not a codesign model directory" in run.stderr
+
+
+def test_output_directory_guards(setup, tmp_path) -> None:
+    from codesign.compression.amc.pipeline import PruneJob, prune_model
+
+    other = tmp_path / "other"
+    shutil.copytree(setup["model"], other)
+    before = (other / "model.json").read_text()
+    for out, msg in ((other, "did not write"), (setup["model"], "must differ")):
+        job = PruneJob(
+            model=str(setup["model"]),
+            target="x86",
+            budget_ms=1.0,
+            dataset="digits",
+            out=str(out),
+            db=str(setup["db"]),
+            latency_model=str(setup["latency"]),
+        )
+        with pytest.raises(PruneError, match=msg):
+            prune_model(job, CONFIG, TrainConfig(epochs=0), progress=False)
+    assert (other / "model.json").read_text() == before
+    assert sorted(p.name for p in other.iterdir()) == ["model.json", "weights.pt"]

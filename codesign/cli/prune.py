@@ -28,6 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="pruned block shapes absent from the LUT: measure them through TVM and store them "
         "in the LUT (default), or predict them with a per-block XGBoost model",
     )
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=0,
+        help="tuned LUTs: MetaSchedule trials per task for new block shapes (with --db)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=20, help="random episodes before learning")
     p.add_argument("--lbound", type=float, default=0.2, help="smallest kept ratio per unit")
@@ -73,6 +79,7 @@ def _prune(args: argparse.Namespace) -> int:
         db=args.db,
         latency_model=args.latency_model,
         missing=args.missing,
+        trials=args.trials,
         measure=not args.no_measure,
         protocol=MeasureProtocol(repeat=args.repeat, min_repeat_ms=args.min_repeat_ms),
     )

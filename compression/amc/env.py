@@ -148,12 +148,16 @@ class AMCEnv:
         return self._cache[key]
 
     def complete(self, decided: dict[str, int]) -> dict[str, int] | None:
-        """`decided` plus every other unit as small as possible without adding a shortcut.
+        """`decided` plus every other unit as small as possible without adding a shortcut."""
+        return self._assign(decided, self.options)
 
-        Units are filled in network order with their smallest allowed width; where that
-        leaves a later unit no width (e.g. an 8-channel group whose only option equals its
-        neighbour's), a depth-first search backtracks. None if no completion exists.
-        """
+    def _assign(
+        self, decided: dict[str, int], prefs: dict[str, Sequence[int]]
+    ) -> dict[str, int] | None:
+        """Fill the undecided units in network order, each with its first width in `prefs`
+        that adds no shortcut; where that leaves a later unit no width (e.g. an 8-channel
+        group whose only option equals its neighbour's), a depth-first search backtracks.
+        None if no assignment exists."""
         todo = [u.name for u in self.st.units if u.name not in decided]
         counts = dict(decided)
         budget = [20000]  # visited nodes: the pairwise constraints keep this tiny in practice
@@ -165,7 +169,7 @@ class AMCEnv:
             if budget[0] < 0:
                 return False
             name = todo[k]
-            for c in self.options[name]:
+            for c in prefs[name]:
                 if self._shortcut_free(counts, name, c):
                     counts[name] = c
                     if fill(k + 1):
@@ -270,6 +274,45 @@ class AMCEnv:
 
     def policy(self) -> PrunePolicy:
         return PrunePolicy.from_counts(self.st, self.decided)
+
+    # ---------------------------------------------------------------- baseline
+    def uniform_counts(self, ratio: float) -> dict[str, int] | None:
+        """Every unit at the allowed width nearest below ratio x its channels (no new shortcut:
+        where a width would add one, the next smaller, else the next larger)."""
+        prefs = {}
+        for u in self.st.units:
+            opts = self.options[u.name]
+            below = [o for o in opts if o <= max(ratio * u.channels, opts[0]) + 1e-9]
+            prefs[u.name] = sorted(below, reverse=True) + [o for o in opts if o not in below]
+        return self._assign({}, prefs)
+
+    def uniform_policy(self, step: float = 0.01) -> tuple[PrunePolicy, float]:
+        """Uniform pruning to the budget: the largest ratio (on a `step` grid) that fits.
+
+        Bisection on the grid (latency grows with the ratio, up to measurement noise), then a
+        downward walk if the found ratio does not fit. Returns the policy and its ratio.
+        """
+        grid = [round(self.config.lbound + i * step, 6) for i in range(int(1 / step) + 1)]
+        grid = [r for r in grid if r <= 1.0]
+
+        def fits(r: float) -> bool:
+            c = self.uniform_counts(r)
+            return c is not None and self.latency(c) <= self.budget_ms
+
+        lo, hi = 0, len(grid) - 1
+        if fits(grid[hi]):
+            lo = hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(grid[mid]) else (lo, mid)
+        for i in range(lo, -1, -1):
+            if fits(grid[i]):
+                counts = self.uniform_counts(grid[i])
+                assert counts is not None
+                return PrunePolicy.from_counts(self.st, counts), grid[i]
+        raise PruneError(
+            f"no uniform ratio >= lbound {self.config.lbound} meets {self.budget_ms:.4g} ms"
+        )
 
     # ---------------------------------------------------------------- reward
     def score(self, policy: PrunePolicy) -> dict[str, float]:

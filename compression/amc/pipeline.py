@@ -53,6 +53,7 @@ def open_latency_model(
     db: str | Path | None,
     latency_model: str | Path | None,
     missing: str,
+    trials: int = 0,
 ) -> Any:
     from codesign.latency.model import LatencyModel
 
@@ -64,7 +65,7 @@ def open_latency_model(
                 "the model directory names no search space, so the LUT cannot be opened for it; "
                 "pass a fitted latency model (--latency-model) instead"
             )
-        model = LatencyModel.from_lut(db, meta.space, target, missing=missing)
+        model = LatencyModel.from_lut(db, meta.space, target, missing=missing, trials=trials)
     else:
         raise PruneError(
             "give the latency table (--db) or a fitted latency model (--latency-model)"
@@ -76,6 +77,11 @@ def open_latency_model(
         )
     if missing == "measure" and model.db is None:
         raise PruneError("measuring missing blocks needs the LUT file (--db)")
+    if missing == "measure" and model.mode == "tuned" and model.trials <= 0:
+        raise PruneError(
+            "the LUT holds tuned latencies: measuring new block shapes the same way needs a "
+            "tuning budget (--trials N, trials per new task), or use --missing predict"
+        )
     return model
 
 
@@ -130,6 +136,7 @@ class PruneJob:
     db: str | None = None
     latency_model: str | None = None
     missing: str = "predict"
+    trials: int = 0  # tuned LUTs: MetaSchedule trials per task of a new block shape
     measure: bool = True
     protocol: MeasureProtocol = MeasureProtocol()
 
@@ -177,9 +184,19 @@ def prune_model(
     out = Path(job.out)
     if out.resolve() == Path(job.model).resolve():
         raise PruneError("--out must differ from --model: the original model is kept unchanged")
+    if (out / "model.json").exists() and not (out / "search.pt").exists():
+        raise PruneError(
+            f"{out} already holds a model directory that `prune` did not write; choose another "
+            "--out (nothing was changed)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     lat = open_latency_model(
-        meta, target, db=job.db, latency_model=job.latency_model, missing=job.missing
+        meta,
+        target,
+        db=job.db,
+        latency_model=job.latency_model,
+        missing=job.missing,
+        trials=job.trials,
     )
     env = AMCEnv(net, data, lat, job.budget_ms, config)
     latency_id = f"{lat.target_key}|{lat.mode}|{lat.digest}|{lat.form}|{job.missing}"
