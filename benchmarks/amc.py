@@ -1,7 +1,9 @@
 """AMC channel pruning under a latency budget vs uniform pruning to the same budget, on x86.
 
     python benchmarks/amc.py --quick     # short training, 12 episodes, predicted new shapes
+                                         # (about 3 minutes on 2 cores once the LUT exists)
     python benchmarks/amc.py             # 300 episodes, new block shapes measured into the LUT
+                                         # (estimated 45-60 minutes on 2 cores, LUT included)
 
 Base model: a `tiny`-space network trained on mnist5k (cached in out/bench/amc/base). For each
 budget (a fraction of the base network's predicted latency), AMC searches a policy whose
