@@ -9,9 +9,12 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
+import codesign
+from codesign.artifact.verify import verify_artifact
 from codesign.compression.amc.env import AMCConfig, AMCEnv, allowed_counts
 from codesign.compression.amc.policy import PruneError, PrunePolicy, structure
 from codesign.compression.amc.search import run_search
@@ -185,21 +188,34 @@ def test_cli_prunes_fine_tunes_compiles_and_resumes(setup, tmp_path) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     assert "measured latency" in run.stdout and "amc search" in run.stderr  # progress bar
     pruned, meta = load_model(out)
-    rec = meta.policies["prune"]
+    rec = meta.policies["pruning"]
     assert rec["predicted_ms"] <= budget and rec["measured_ms"] > 0 and rec["speedup"] > 0
-    assert rec["compiled_max_abs_diff"] < 1e-3  # the compiled network computes the same
-    assert (out / "network.so").stat().st_size > 0
     assert pruned.specs != net.specs and meta.accuracy == pytest.approx(rec["acc"])
+    assert (
+        meta.arch is None and meta.extra["pruned_from_arch"] == load_model(setup["model"])[1].arch
+    )
     assert PrunePolicy.decode(rec["policy"]).counts(structure(net.specs)) == rec["channels"]
+    # the pruned model directory shipped as an artifact: verified, and it runs
+    art = verify_artifact(out / "model.tar").manifest.data
+    assert art["model"]["blocks"] == [s.key for s in pruned.specs]
+    assert art["model"]["policies"]["pruning"]["policy"] == rec["policy"]
+    assert art["equality"]["ok"] and art["latency"]["median_ms"] > 0
+    assert art["accuracy"]["torch_top1"] == pytest.approx(meta.accuracy)
+    x = setup["data"].calibration(2, seed=3)
+    with codesign.load(out / "model.tar") as predict, torch.no_grad():
+        assert np.allclose(predict(x.numpy()), pruned(x).numpy(), rtol=1e-4, atol=1e-4)
+    assert "artifact" in run.stdout and "verify" in run.stdout
     first = (out / "episodes.jsonl").read_text().splitlines()
-    # resume: one more episode on top of the three done (compiled and exported, not timed)
+    # resume: one more episode on top of the three done (not timed, no artifact)
     args[args.index("--episodes") + 1] = "4"
-    run = subprocess.run([*CLI, *args, "--no-measure"], capture_output=True, text=True, timeout=600)
+    more = ["--no-measure", "--no-artifact"]
+    run = subprocess.run([*CLI, *args, *more], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((out / "prune.json").read_text())
     assert report["resumed_from_episode"] == 3 and report["episodes"] == 4
     assert (out / "episodes.jsonl").read_text().splitlines()[:3] == first
-    assert "measured_ms" not in report and (out / "network.so").exists()
+    assert "measured_ms" not in report and "artifact" not in report
+    assert not (out / "model.tar").exists()  # the first run's archive held other weights
     bad = list(args)
     bad[bad.index("--model") + 1] = str(tmp_path / "nope")
     run = subprocess.run([*CLI, *bad], capture_output=True, text=True, timeout=600)

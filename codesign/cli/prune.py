@@ -11,7 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="prune channels (AMC, DDPG) under a latency budget, fine-tune, compile and measure",
         description="Search per-layer kept-channel ratios with the DDPG agent so that the "
         "latency model's prediction meets --latency-ms, prune, fine-tune, save OUT as a model "
-        "directory and time the compiled network. Re-run the same command to resume.",
+        "directory, time the compiled network against the original and compile OUT into the "
+        "artifact OUT/model.tar (as `codesign compile` does). Re-run the same command to resume.",
     )
     p.add_argument("--model", required=True, help="model directory (model.json + weights.pt)")
     p.add_argument("--target", required=True, help="target spec, e.g. x86")
@@ -53,7 +54,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeat", type=int, default=10, help="timed samples per network")
     p.add_argument("--min-repeat-ms", type=int, default=50)
-    p.add_argument("--no-measure", action="store_true", help="compile and export, but do not time")
+    p.add_argument(
+        "--no-measure",
+        action="store_true",
+        help="do not time the networks (the artifact is checked on a host build for remote "
+        "targets)",
+    )
+    p.add_argument(
+        "--no-artifact",
+        action="store_true",
+        help="do not compile OUT into OUT/model.tar (`codesign compile --model OUT` does it later)",
+    )
     p.add_argument("--torch-threads", type=int, default=None, help="PyTorch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_prune)
@@ -81,6 +92,7 @@ def _prune(args: argparse.Namespace) -> int:
         missing=args.missing,
         trials=args.trials,
         measure=not args.no_measure,
+        artifact=not args.no_artifact,
         protocol=MeasureProtocol(repeat=args.repeat, min_repeat_ms=args.min_repeat_ms),
     )
     config = AMCConfig(
@@ -115,4 +127,11 @@ def _prune(args: argparse.Namespace) -> int:
         f"accuracy {r['acc']:.2f}% (unpruned {r['base_acc']:.2f}%, {r['acc_before_finetune']:.2f}% "
         f"before fine-tuning); wrote {args.out}"
     )
+    if "artifact" in r:
+        a = r["artifact"]
+        lat = "" if a["latency_ms"] is None else f", {a['latency_ms']:.4f} ms"
+        print(
+            f"artifact {args.out}/{a['path']}: equal to PyTorch (max abs error "
+            f"{a['max_abs_err']:.2g}){lat}; check it with `codesign verify`"
+        )
     return 0

@@ -6,8 +6,9 @@
     -> fine-tune (resumable, OUT/finetune.pt) -> evaluate on the validation split
     -> save OUT as a model directory (policy in model.json policies["prune"])
     -> compile the pruned and the original network with the one TVM recipe (the LUT's tuning
-       records when the LUT is tuned), time both with LocalRunner, export OUT/network.so and
-       check the compiled network's outputs against PyTorch
+       records when the LUT is tuned) and time both with LocalRunner
+    -> compile OUT into the artifact OUT/model.tar with `codesign compile`'s code (outputs
+       checked against PyTorch; `codesign verify` / `codesign run` / `codesign.load` take it)
 A report lands in OUT/prune.json.
 """
 
@@ -26,7 +27,7 @@ from codesign.compression.amc.policy import PruneError, PrunePolicy, structure
 from codesign.compression.amc.search import run_search
 from codesign.compression.amc.surgery import prune_network, recalibrate_bn
 from codesign.data import Dataset, load_dataset
-from codesign.measurement import Measurement, MeasureProtocol
+from codesign.measurement import MeasureProtocol
 from codesign.model_dir import ModelDir, load_model, save_model
 from codesign.modules import Network
 from codesign.targets import Target, parse_target
@@ -86,43 +87,44 @@ def open_latency_model(
 
 
 # ------------------------------------------------------------------------- TVM
-def compile_network(net: Network, target: Target, *, db: str | Path | None, lat: Any) -> Any:
-    """Lower + compile with the LUT's recipe; tuned LUTs apply (and extend) their records."""
-    from codesign.tvm_backend.build import compile_module, prepare
-    from codesign.tvm_backend.lower import lower_module
+ARTIFACT = "model.tar"
 
-    low = lower_module(net, net.input_shape, label="pruned")
-    fused = prepare(low.mod)
+
+def compile_like_lut(net: Network, target: Target, *, lat: Any, label: str = "network") -> Any:
+    """Compile `net` the way the latency model's LUT was measured: the one recipe, and for a
+    tuned LUT its file's tuning records (tasks they lack tuned first with `lat.trials` each)."""
+    from codesign.latency.networks import compile_network
+
     database = None
-    if getattr(lat, "mode", "untuned") == "tuned" and db is not None:
+    if lat.mode == "tuned" and lat.db is not None:
         from codesign.tvm_backend.database import open_tuning_database
-        from codesign.tvm_backend.tuning import extract_tasks, tune
 
-        database = open_tuning_database(db, target.key)
-        if getattr(lat, "trials", 0) > 0:
-            tune(
-                extract_tasks({"net": fused}, target), target, database, trials_per_task=lat.trials
-            )
-    return compile_module(low, target, database, fused=fused)
-
-
-def run_compiled(built: Any, x: torch.Tensor) -> torch.Tensor:
-    """Run a compiled network on this machine's CPU (batch 1)."""
-    import tvm
-    from tvm import relax
-
-    vm = relax.VirtualMachine(built.executable, tvm.cpu(0))
-    out = vm["main"](tvm.runtime.tensor(x.numpy(), tvm.cpu(0)))
-    return torch.from_numpy(out.numpy())
+        database = open_tuning_database(lat.db, target.key)
+    try:
+        built, _ = compile_network(
+            net, target, label=label, database=database, trials=lat.trials if database else 0
+        )
+    finally:
+        if database is not None:
+            database.close()
+    return built
 
 
-def measure(
-    net: Network, target: Target, *, db: str | Path | None, lat: Any, protocol: MeasureProtocol
-) -> tuple[Measurement, Any]:
-    from codesign.tvm_backend.runner import LocalRunner
+def ship(out: Path, target: Target, lat: Any, job: PruneJob, seed: int, progress: bool) -> Any:
+    """Compile the saved model directory `out` into OUT/model.tar with `codesign compile`'s
+    code (equality with PyTorch checked, accuracy and latency recorded in its manifest)."""
+    from codesign.artifact.pack import CompileOptions, compile_artifact
 
-    built = compile_network(net, target, db=db, lat=lat)
-    return LocalRunner().run(built, protocol), built
+    tuned = lat.mode == "tuned" and lat.db is not None
+    opts = CompileOptions(
+        tune_trials=lat.trials if tuned else 0,
+        tuning_db=Path(lat.db) if tuned else None,
+        protocol=job.protocol,
+        seed=seed,
+        device_check=job.measure,
+        progress=progress,
+    )
+    return compile_artifact(out, target, out / ARTIFACT, opts).artifact
 
 
 # ------------------------------------------------------------------------- pipeline
@@ -137,7 +139,8 @@ class PruneJob:
     latency_model: str | None = None
     missing: str = "predict"
     trials: int = 0  # tuned LUTs: MetaSchedule trials per task of a new block shape
-    measure: bool = True
+    measure: bool = True  # time the original and the pruned network side by side
+    artifact: bool = True  # compile the pruned model into OUT/model.tar (`codesign compile`)
     protocol: MeasureProtocol = MeasureProtocol()
 
 
@@ -237,45 +240,52 @@ def prune_model(
     if job.measure and target.is_remote:
         raise PruneError(
             f"{target.key} is reached over RPC; `prune` times networks on this machine only. "
-            "Pass --no-measure (the network is still compiled and exported)."
+            "Pass --no-measure (the artifact is still compiled and checked on a host build)."
         )
-    if not job.measure:
-        built = compile_network(pruned, target, db=job.db, lat=lat)
-        built.export(out / "network.so")
-        record["library"] = "network.so"
-    else:
-        m_base, _ = measure(net, target, db=job.db, lat=lat, protocol=job.protocol)
-        m_pruned, built = measure(pruned, target, db=job.db, lat=lat, protocol=job.protocol)
+    if job.measure:
+        from codesign.tvm_backend.runner import LocalRunner
+
+        runner = LocalRunner(seed=config.seed)
+        base_built = compile_like_lut(net, target, lat=lat, label="base")
+        pruned_built = compile_like_lut(pruned, target, lat=lat, label="pruned")
+        m_base = runner.run(base_built, job.protocol)
+        m_pruned = runner.run(pruned_built, job.protocol)
         for m in (m_base, m_pruned):
             if not m.ok:
                 raise PruneError(f"measuring on {target.key} failed: {m.error}")
-        built.export(out / "network.so")
         record.update(
             base_measured_ms=m_base.median_ms,
             measured_ms=m_pruned.median_ms,
             speedup=m_base.median_ms / m_pruned.median_ms,
-            library="network.so",
         )
-        if target.device == "cpu":  # the compiled network computes what PyTorch computes
-            x = data.calibration(1, seed=1)
-            with torch.no_grad():
-                ref = pruned.eval()(x)
-            record["compiled_max_abs_diff"] = float((run_compiled(built, x) - ref).abs().max())
-    secs["compile_measure"] = time.time() - t1
-    policies = {**meta.policies, "prune": record}
+    policies = {**meta.policies, "pruning": record}
     save_model(
         out,
         pruned,
         ModelDir(
             blocks=pruned.specs,
-            arch=meta.arch,
+            arch=None,  # the pruned shapes are no architecture of the space; `blocks` define it
             space=meta.space,
             dataset=data.info,
             accuracy=acc,
             policies=policies,
-            extra={**meta.extra, "pruned_from": str(Path(job.model).resolve())},
+            extra={
+                **meta.extra,
+                "pruned_from": str(Path(job.model).resolve()),
+                "pruned_from_arch": meta.arch,
+            },
         ),
     )
+    (out / ARTIFACT).unlink(missing_ok=True)  # an earlier run's archive has other weights
+    if job.artifact:
+        art = ship(out, target, lat, job, config.seed, progress).manifest.data
+        record["artifact"] = {
+            "path": ARTIFACT,
+            "max_abs_err": art["equality"]["max_abs_err"],
+            "latency_ms": (art["latency"] or {}).get("median_ms"),
+            "accuracy": (art["accuracy"] or {}).get("top1"),
+        }
+    secs["compile_measure"] = time.time() - t1
     report = {
         **record,
         "finetune_history": history,
