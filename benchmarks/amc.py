@@ -131,7 +131,7 @@ def main() -> int:
         ta = time.time()
         job = PruneJob(
             model=str(base_dir),
-            target=target.spec,
+            target=f"{target.spec}:threads={target.threads}",  # the resolved target
             budget_ms=budget,
             dataset="mnist5k",
             out=str(out / f"amc_b{i}"),
