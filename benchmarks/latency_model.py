@@ -27,6 +27,7 @@ from codesign.latency.networks import compile_network, measure_networks, sample_
 from codesign.latency.plot import scatter  # noqa: E402
 from codesign.lut_build import build_lut  # noqa: E402
 from codesign.measurement import MeasureProtocol  # noqa: E402
+from codesign.modules import build_network  # noqa: E402
 from codesign.search.space import get_space  # noqa: E402
 from codesign.targets import parse_target  # noqa: E402
 
@@ -36,7 +37,8 @@ def noise_floor(space, target, db, arch, mode: str, protocol, times: int = 5) ->
     from codesign.tvm_backend.runner import LocalRunner
 
     database = open_tuning_database(db, target.key) if mode == "tuned" else None
-    built, _ = compile_network(space, arch, target, database=database)
+    net = build_network(space, arch)
+    built, _ = compile_network(net, target, label=arch.encode(), database=database)
     runner = LocalRunner()
     samples = []
     for _ in range(times):

@@ -64,6 +64,7 @@ COMMANDS = (
     "latency",
     "farm",
     "artifact",
+    "prune",
     "pipeline",
 )
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from codesign.arch import Arch
 from codesign.lut import LatencyTable
@@ -20,6 +20,9 @@ from codesign.lut_build import provenance_for
 from codesign.measurement import Measurement, MeasureProtocol
 from codesign.search.space import SearchSpace, get_space
 from codesign.targets import Target, parse_target
+
+if TYPE_CHECKING:
+    from codesign.modules import Network
 
 
 @dataclass
@@ -33,31 +36,33 @@ class NetworkReport:
 
 
 def compile_network(
-    space: SearchSpace,
-    arch: Arch,
+    net: Network,
     target: Target,
     *,
-    seed: int = 0,
+    label: str = "network",
     database: Any = None,
     trials: int = 0,
+    seed: int = 0,
 ) -> tuple[Any, str]:
-    """Lower + compile one network; returns (Built, tuning digest). Tunes missing tasks."""
-    from codesign.modules import build_network
+    """Lower + compile a whole network with the LUT's recipe; returns (Built, tuning digest).
+
+    `net` is any `Network` (an architecture's, `build_network(space, arch)`, or one with
+    block shapes no architecture string describes, such as a pruned one). With a tuning
+    `database`, its records are applied; tasks they lack are tuned first with `trials` each.
+    """
     from codesign.tvm_backend.build import compile_module, prepare
     from codesign.tvm_backend.lower import lower_module
 
-    low = lower_module(
-        build_network(space, arch, seed=seed), (1, *space.input_shape), label=arch.encode()
-    )
+    low = lower_module(net, net.input_shape, label=label)
     fused = prepare(low.mod)
     digest = ""
     if database is not None:
         from codesign.tvm_backend.tuning import extract_tasks, tune
 
-        taskset = extract_tasks({arch.encode(): fused}, target)
+        taskset = extract_tasks({label: fused}, target)
         if trials > 0:
             tune(taskset, target, database, trials_per_task=trials, seed=seed)
-        digest = database.digest(taskset.mods_of(arch.encode()))
+        digest = database.digest(taskset.mods_of(label))
     return compile_module(low, target, database, fused=fused), digest
 
 
@@ -77,6 +82,7 @@ def measure_networks(
     """Measure `archs` whole; valid rows (same provenance) are reused, not re-measured."""
     from tqdm import tqdm
 
+    from codesign.modules import build_network
     from codesign.tvm_backend.runner import LocalRunner
 
     space, target = get_space(space), parse_target(target)
@@ -108,8 +114,9 @@ def measure_networks(
                 if old.provenance.digest == prov.digest:
                     report.reused += 1
                     continue
+            net = build_network(space, arch, seed=seed)
             built, digest = compile_network(
-                space, arch, target, seed=seed, database=database, trials=trials
+                net, target, label=key, database=database, trials=trials, seed=seed
             )
             prov = provenance_for(
                 target,
