@@ -61,6 +61,7 @@ class SearchConfig:
     strategy: str = "proxyless"
     epochs: int = 4
     retrain_epochs: int = 6
+    batch_size: int = 64
     baselines: tuple[str, ...] = ("k3e3", "k3e6", "k7e6")  # uniform networks to compare with
 
 

@@ -157,41 +157,51 @@ def latency_budget(cfg: PipelineConfig, model_path: str, db: Path) -> dict[str, 
     return {"budget_ms": round(budget, 6), "smallest_ms": lo, "largest_ms": hi}
 
 
-def _search_job(cfg: PipelineConfig, db: Path, model_path: str, budget_ms: float) -> Any:
-    from codesign.search.run import SearchJob
+def _settings(cfg: PipelineConfig) -> Any:
+    from codesign.search.run import SearchSettings
 
-    return SearchJob(
-        space=cfg.task.space,
-        target=cfg.target.targets[0],
-        latency_ms=budget_ms,
-        dataset=cfg.task.dataset,
+    return SearchSettings(
         strategy=cfg.search.strategy,
         epochs=cfg.search.epochs,
         retrain_epochs=cfg.search.retrain_epochs,
-        db=str(db),
-        latency_model=model_path,
+        batch_size=cfg.search.batch_size,
         repeat=cfg.lut.repeat,
         min_repeat_ms=cfg.lut.min_repeat_ms,
         seed=cfg.task.seed,
     )
 
 
+def _data(cfg: PipelineConfig) -> Any:
+    from codesign.data import load_dataset
+    from codesign.search.space import get_space
+
+    return load_dataset(cfg.task.dataset, get_space(cfg.task.space).input_shape, seed=cfg.task.seed)
+
+
 def stage_search(
     cfg: PipelineConfig, db: Path, model_path: str, budget_ms: float, work: Path, progress: bool
 ) -> dict[str, Any]:
     """Search under the budget, measure the chosen network, retrain it; a model dir in `work`."""
-    from codesign.search.run import run_search
+    from codesign.search.run import search_arch
+    from codesign.search.space import get_space
 
-    report = run_search(_search_job(cfg, db, model_path, budget_ms), work, progress=progress)
-    return {"model_dir": str(work), "report": report}
+    result = search_arch(
+        get_space(cfg.task.space),
+        model_path,
+        _data(cfg),
+        budget_ms,
+        work,
+        settings=_settings(cfg),
+        lut=db,
+        target=cfg.target.targets[0],
+        progress=progress,
+    )
+    return {"model_dir": str(work), "report": result.report}
 
 
-def stage_baselines(
-    cfg: PipelineConfig, db: Path, model_path: str, budget_ms: float, work: Path, progress: bool
-) -> dict[str, Any]:
+def stage_baselines(cfg: PipelineConfig, db: Path, work: Path, progress: bool) -> dict[str, Any]:
     """Hand-designed uniform networks trained with the searched network's recipe and measured
     with the same compiler, target and protocol: the points the search must beat."""
-    from codesign.data import load_dataset
     from codesign.latency.networks import measure_networks
     from codesign.lut import LatencyTable
     from codesign.search.run import task_space
@@ -200,8 +210,7 @@ def stage_baselines(
     from codesign.targets import parse_target
 
     space, target = get_space(cfg.task.space), parse_target(cfg.target.targets[0])
-    data = load_dataset(cfg.task.dataset, space.input_shape, seed=cfg.task.seed)
-    job = _search_job(cfg, db, model_path, budget_ms)
+    data = _data(cfg)
     archs = [space.uniform(t) for t in cfg.search.baselines]
     measure_networks(
         space,
@@ -214,15 +223,15 @@ def stage_baselines(
         seed=cfg.task.seed,
         progress=progress,
     )
-    points = []
     with LatencyTable(db, readonly=True) as table:
         measured = {e.key: e.median_ms for e in table.networks(target.key, _mode(cfg)) if e.ok}
+    points = []
     for token, arch in zip(cfg.search.baselines, archs, strict=True):
         sub = work / token
         sub.mkdir(exist_ok=True)
         done = sub / "result.json"
         if not done.exists():
-            _, trained = retrain(job, task_space(space, data), arch, data, sub, progress)
+            _, trained = retrain(_settings(cfg), task_space(space, data), arch, data, sub, progress)
             done.write_text(json.dumps({"accuracy": trained["accuracy"]}))
         acc = json.loads(done.read_text())["accuracy"]
         points.append(
@@ -346,8 +355,12 @@ def run(
     )
     base = runner.run(
         "baselines",
-        {**up, "cfg": cfg.digest("search", "task")},
-        lambda work: stage_baselines(cfg, db, lat["model"], budget["budget_ms"], work, progress),
+        {
+            "lut": digest_of(lut),
+            "task": cfg.digest("task"),
+            "recipe": [cfg.search.retrain_epochs, cfg.search.batch_size, cfg.search.baselines],
+        },
+        lambda work: stage_baselines(cfg, db, work, progress),
     )
     comp = runner.run(
         "compress",
