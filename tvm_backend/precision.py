@@ -47,7 +47,9 @@ class PrecisionMenu:
 
     def int8_exact(self, w_bits: int, a_bits: int) -> bool:
         """Whether a layer with these bits runs exactly on the int8 kernel."""
-        return self.has_int8 and w_bits <= 8 and a_bits <= 8 and w_bits + a_bits <= self.int8_bits_sum
+        return (
+            self.has_int8 and w_bits <= 8 and a_bits <= 8 and w_bits + a_bits <= self.int8_bits_sum
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -69,7 +69,8 @@ def qconv_generic(x: Any, w: Any, zero_point: Any, stride: int, pad: int) -> Any
     return te.compute(
         (n, _out(h, kh, stride, pad), _out(wd, kw, stride, pad), co),
         lambda b, i, j, o: te.sum(
-            xp[b, i * stride + r, j * stride + s, c].astype("int32") * w[o, r, s, c].astype("int32"),
+            xp[b, i * stride + r, j * stride + s, c].astype("int32")
+            * w[o, r, s, c].astype("int32"),
             axis=[r, s, c],
         ),
         name="qconv_generic",

@@ -315,7 +315,14 @@ def random_params(spec: BlockSpec, seed: int = 0) -> list[LayerParams]:
         first = ly.index == 0 or ly.role == "classifier"
         out.append(
             LayerParams(
-                ly, 7, 8, w, b, qw.astype(np.int8), s_w, 4.0 / 255 if first else 6.0 / 255,
+                ly,
+                7,
+                8,
+                w,
+                b,
+                qw.astype(np.int8),
+                s_w,
+                4.0 / 255 if first else 6.0 / 255,
                 128 if first else 0,
             )
         )

@@ -250,9 +250,7 @@ def _tune_contexts(
         register_intrinsics()
     contexts, weights = [], []
     loggers = get_loggers_from_work_dir(work_dir, [t.extracted.task_name for t in todo])
-    for task, logger, rand_state in zip(
-        todo, loggers, fork_seed(seed, n=len(todo)), strict=True
-    ):
+    for task, logger, rand_state in zip(todo, loggers, fork_seed(seed, n=len(todo)), strict=True):
         if task.extracted.mod.attrs.get("tirx.is_scheduled", False):
             continue  # as MetaSchedule does: nothing to tune
         space = int8_space(intrin) if intrin and is_int8_task(task.mod) else "post-order-apply"

@@ -260,7 +260,10 @@ class HAQEnv:
         if len(self._actions) != self.steps:
             raise CodesignError(f"episode has {len(self._actions)} of {self.steps} actions")
         acts = self._actions
-        raw = [(self.bits_of(acts[2 * i]), self.bits_of(acts[2 * i + 1])) for i in range(len(self.layers))]
+        raw = [
+            (self.bits_of(acts[2 * i]), self.bits_of(acts[2 * i + 1]))
+            for i in range(len(self.layers))
+        ]
         policy = self.enforce(raw)
         acc = self.accuracy(policy)
         reward = self.config.reward_scale * (acc - self.float_accuracy)

@@ -88,12 +88,20 @@ def haq_search(
         if state["best"] is not None:
             b = state["best"]
             best = EpisodeResult(
-                QuantPolicy.decode(b["policy"]), tuple(b["actions"]), b["cost"], b["accuracy"],
+                QuantPolicy.decode(b["policy"]),
+                tuple(b["actions"]),
+                b["cost"],
+                b["accuracy"],
                 b["reward"],
             )
     bar = tqdm(
-        total=episodes, initial=min(start, episodes), desc="haq", unit="ep",
-        disable=not progress, file=sys.stderr, dynamic_ncols=True,
+        total=episodes,
+        initial=min(start, episodes),
+        desc="haq",
+        unit="ep",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
     )
     for ep in range(start, episodes):
         states = []
@@ -107,7 +115,9 @@ def haq_search(
         if best is None or result.reward > best.reward:
             best = result
         history.append({"episode": ep, **result.to_dict(), **losses})
-        bar.set_postfix_str(f"acc {result.accuracy:.2f} {result.cost:.4g}{env.unit} best {best.accuracy:.2f}")
+        bar.set_postfix_str(
+            f"acc {result.accuracy:.2f} {result.cost:.4g}{env.unit} best {best.accuracy:.2f}"
+        )
         bar.update()
         if ckpt is not None:
             _save(

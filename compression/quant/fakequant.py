@@ -119,8 +119,13 @@ class QLinear(nn.Linear, _QMixin):
 def _swap(parent: nn.Module, name: str, old: nn.Module, layer: QLayer) -> nn.Module:
     if isinstance(old, nn.Conv2d):
         new: nn.Module = QConv2d(
-            old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
-            groups=old.groups, bias=True,
+            old.in_channels,
+            old.out_channels,
+            old.kernel_size,
+            old.stride,
+            old.padding,
+            groups=old.groups,
+            bias=True,
         )
         bias = old.bias if old.bias is not None else torch.zeros(old.out_channels)
     else:
@@ -209,8 +214,15 @@ def export_params(qnet: Network) -> list[LayerParams]:
             b = b.half().float()
         out.append(
             LayerParams(
-                m.layer, m.w_bits, m.a_bits, w.numpy(), b.numpy(), qweight, w_scale,
-                float(m.a_scale), int(m.a_zero),
+                m.layer,
+                m.w_bits,
+                m.a_bits,
+                w.numpy(),
+                b.numpy(),
+                qweight,
+                w_scale,
+                float(m.a_scale),
+                int(m.a_zero),
             )
         )
     return out

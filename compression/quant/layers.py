@@ -54,11 +54,15 @@ class QLayer:
 
     @property
     def out_h(self) -> int:
-        return 1 if self.linear else (self.h + 2 * (self.kernel // 2) - self.kernel) // self.stride + 1
+        return (
+            1 if self.linear else (self.h + 2 * (self.kernel // 2) - self.kernel) // self.stride + 1
+        )
 
     @property
     def out_w(self) -> int:
-        return 1 if self.linear else (self.w + 2 * (self.kernel // 2) - self.kernel) // self.stride + 1
+        return (
+            1 if self.linear else (self.w + 2 * (self.kernel // 2) - self.kernel) // self.stride + 1
+        )
 
     @property
     def macs(self) -> int:
