@@ -11,7 +11,9 @@ rung of the bit ladder (2..8 bits, then the float widths on the target's menu). 
 resource constraint is enforced HAQ's way: bits are lowered greedily, layer by layer from the
 last, until the budget (latency in ms from the LUT, or exact size in MiB) is met; lowering that
 cannot change the cost is skipped (on latency: layers of blocks already int8, or of blocks whose
-int8 version is not faster). The reward is HAQ's: 0.1 x (accuracy after a short QAT fine-tune on
+int8 version is not faster). A block executes in int8 only where the LUT says int8 beats
+fp32 on this target; elsewhere its layers run in float with their (possibly sub-8-bit) weights.
+The reward is HAQ's: 0.1 x (accuracy after a short QAT fine-tune on
 a training subset - accuracy of the float network), accuracies in percent on a validation subset.
 """
 
@@ -133,10 +135,11 @@ class HAQEnv:
         self.ladder = bit_ladder(menu, config.min_bits)
         self.base = quantize_network(net, ranges)  # float until a policy is set
         self.states = layer_embedding(self.layers)
-        self.float_policy = QuantPolicy.uniform(self.blocks, 32, 32, menu)
         self.float_accuracy = evaluate(self.base, data, limit=config.val_images)
         self.accuracy_cache: dict[str, float] = {}
         self._actions: list[float] = []
+        self.float_policy = QuantPolicy.uniform(self.blocks, 32, 32, menu)
+        self.int8_blocks = self._faster_blocks()
         self._useful = self._useful_blocks()
         low = self.min_cost_policy()
         if self.cost(low) > config.budget:
@@ -161,26 +164,34 @@ class HAQEnv:
             return policy.size_mb(self.blocks)
         return float(self.latency(policy.apply(self.blocks)))
 
+    def _faster_blocks(self) -> tuple[bool, ...]:
+        """Per block: does the LUT say int8 runs it faster than fp32? (Only then is a block
+        executed in int8; otherwise its sub-8-bit weights are stored low and run in float.)"""
+        if not self.menu.has_int8:
+            return (False,) * len(self.blocks)
+        return tuple(
+            self.latency([b.with_precision("int8")]) < self.latency([b.with_precision("fp32")])
+            for b in self.blocks
+        )
+
     def _useful_blocks(self) -> tuple[bool, ...]:
         """Per block: can lowering its bits lower the cost?"""
         if self.config.budget_kind == "size":
             return (True,) * len(self.blocks)
-        out = []
-        lower = [p for p in self.menu.precisions if p != "fp32"]
-        for b in self.blocks:
-            fp = self.latency([b.with_precision("fp32")])
-            out.append(any(self.latency([b.with_precision(p)]) < fp for p in lower))
-        return tuple(out)
+        return self.int8_blocks
+
+    def derive(self, bits: Sequence[Sequence[int]]) -> QuantPolicy:
+        """What the target executes for raw per-layer bits (int8 only where it is faster)."""
+        return QuantPolicy.derive(
+            self.blocks, [tuple(b) for b in bits], self.menu, self.int8_blocks
+        )
 
     def min_cost_policy(self) -> QuantPolicy:
         """Where greedy lowering ends: every useful layer at the lowest bits."""
-        bits = [
-            (self.config.min_bits, self.config.min_bits) if self._useful[ly.block] else (32, 32)
-            for ly in self.layers
-        ]
+        lo = self.config.min_bits
         if self.config.budget_kind == "size":
-            bits = [(self.config.min_bits, 32) for _ in self.layers]
-        return QuantPolicy.derive(self.blocks, bits, self.menu)
+            return self.derive([(lo, 32) for _ in self.layers])
+        return self.derive([(lo, lo) if self._useful[ly.block] else (32, 32) for ly in self.layers])
 
     # ------------------------------------------------------------ actions
     def bits_of(self, action: float) -> int:
@@ -215,7 +226,7 @@ class HAQEnv:
     def enforce(self, bits: Sequence[tuple[int, int]]) -> QuantPolicy:
         """HAQ's greedy wall: lower bits layer by layer (from the last) until within budget."""
         cur = [list(b) for b in bits]
-        policy = QuantPolicy.derive(self.blocks, cur, self.menu)
+        policy = self.derive(cur)
         budget, size = self.config.budget, self.config.budget_kind == "size"
         while self.cost(policy) > budget:
             changed = False
@@ -227,7 +238,7 @@ class HAQEnv:
                 w, a = cur[ly.index]
                 cur[ly.index] = [self._lower(w), a if size else self._lower(a)]
                 changed |= cur[ly.index] != [w, a]
-                policy = QuantPolicy.derive(self.blocks, cur, self.menu)
+                policy = self.derive(cur)
                 if self.cost(policy) <= budget:
                     break
             if not changed:

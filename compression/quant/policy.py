@@ -145,17 +145,28 @@ class QuantPolicy:
     # ------------------------------------------------------------ constructors
     @classmethod
     def derive(
-        cls, blocks: Sequence[BlockSpec], bits: Sequence[tuple[int, int]], menu: PrecisionMenu
+        cls,
+        blocks: Sequence[BlockSpec],
+        bits: Sequence[tuple[int, int]],
+        menu: PrecisionMenu,
+        int8: Sequence[bool] | None = None,
     ) -> QuantPolicy:
-        """The policy the target executes for raw per-layer (w, a) bits (see module docstring)."""
+        """The policy the target executes for raw per-layer (w, a) bits (see module docstring).
+
+        `int8` (per block) limits int8 execution to the blocks where it is wanted, e.g. where
+        the LUT says int8 is faster than float; the others run in float with their weight bits.
+        """
         counts = layers_per_block(blocks)
         if len(bits) != sum(counts):
             raise PolicyError(f"{len(bits)} layer bits for a network of {sum(counts)} layers")
+        if int8 is not None and len(int8) != len(counts):
+            raise PolicyError(f"int8 mask of {len(int8)} for {len(counts)} blocks")
         precisions, out, i = [], [], 0
-        for n in counts:
+        for bi, n in enumerate(counts):
             raw = [tuple(int(v) for v in b) for b in bits[i : i + n]]
             i += n
-            if all(menu.int8_exact(w, a) for w, a in raw):
+            wanted = int8 is None or int8[bi]
+            if wanted and all(menu.int8_exact(w, a) for w, a in raw):
                 precisions.append("int8")
                 out.append(tuple(LayerBits(w, a) for w, a in raw))
                 continue
