@@ -47,9 +47,11 @@ def _quantize(args: argparse.Namespace) -> int:
             raise CodesignError(f"--{name.replace('_', '-')} must be >= 1")
     if args.trials < 0 or args.warmup < 0:
         raise CodesignError("--trials and --warmup must be >= 0")
-    kind, budget = ("latency", args.latency_ms) if args.latency_ms else ("size", args.size_mb)
-    if budget is None or budget <= 0:
-        raise CodesignError(f"the {kind} budget must be positive")
+    kind, budget = (
+        ("latency", args.latency_ms) if args.latency_ms is not None else ("size", args.size_mb)
+    )
+    if budget is None or not budget > 0:
+        raise CodesignError(f"the {kind} budget must be positive, got {budget}")
     cfg = QuantizeConfig(
         kind,
         budget,
