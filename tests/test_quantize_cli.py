@@ -23,6 +23,8 @@ def test_budget_is_required_and_exclusive(tmp_path: Path) -> None:
     assert out.returncode == 2 and "--latency-ms" in out.stderr
     out = run(*base, "--out", str(tmp_path / "o"), "--latency-ms", "1", "--size-mb", "1")
     assert out.returncode == 2 and "not allowed" in out.stderr
+    out = run(*base, "--out", str(tmp_path / "o"), "--latency-ms", "0")
+    assert out.returncode == 2 and "latency budget must be positive" in out.stderr
 
 
 def test_missing_model_dir_is_a_clear_error(tmp_path: Path) -> None:
