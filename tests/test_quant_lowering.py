@@ -103,3 +103,49 @@ def test_int8_block_needs_exact_bits(setup, x86):
     params = export_params(quantize_network(net, ranges, policy).eval())
     with pytest.raises(BuildError, match="not exact"):
         lower_quantized(policy.apply(BLOCKS), params, menu)
+
+
+_TUNED_CHECK = """
+import sys, numpy as np, tvm
+from tvm import relax
+from codesign.blocks import BlockSpec
+from codesign.compression.quant import reference
+from codesign.targets import parse_target
+from codesign.tvm_backend.build import compile_module
+from codesign.tvm_backend.database import open_tuning_database
+from codesign.tvm_backend.precision import precision_menu
+from codesign.tvm_backend.quantize import lower_quantized, random_params
+
+t = parse_target("x86")
+db = open_tuning_database(sys.argv[1], t.key)  # before any int8 lowering registers intrinsics
+spec = BlockSpec.from_key(sys.argv[2])
+params = random_params(spec, 0)
+built = compile_module(lower_quantized([spec], params, precision_menu(t)), t, db)
+x = np.random.default_rng(0).standard_normal(spec.input_shape).astype("float32")
+out = relax.VirtualMachine(built.executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+ref = reference.run_network(x, [spec], params)
+print("maxdiff", float(np.abs(out - ref).max()), float(np.abs(ref).max()))
+"""
+
+
+@pytest.mark.slow
+def test_tuned_tensorized_int8_is_exact(x86, tmp_path):
+    """A MetaSchedule-tuned int8 block (AVX2 intrinsic) loads its records in a fresh process
+    and still reproduces the integer reference."""
+    import subprocess
+    import sys
+
+    from codesign.compression.haq.pipeline import precision_lut
+    from codesign.tvm_backend.precision import precision_menu
+
+    spec = BlockSpec("conv", 3, 16, 16, 1, 8, 8)
+    db = tmp_path / "lut.sqlite"
+    precision_lut([spec], x86, db, precision_menu(x86), trials=4, progress=False)
+    assert precision_menu(x86).int8_intrin.encode() in db.read_bytes()  # tensorized records
+    out = subprocess.run(
+        [sys.executable, "-c", _TUNED_CHECK, str(db), spec.with_precision("int8").key],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    diff, scale = map(float, out.stdout.split("maxdiff")[1].split())
+    assert diff <= 1e-4 * scale
