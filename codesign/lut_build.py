@@ -95,7 +95,7 @@ def _progress(total: int, desc: str, enabled: bool, unit: str = "block") -> Any:
 
 
 def build_lut(
-    space: str | SearchSpace,
+    space: str | SearchSpace | None,
     target: str | Target,
     db: str | Path,
     *,
@@ -106,18 +106,24 @@ def build_lut(
     runner: Any = None,
     progress: bool = True,
     farm: Any = None,
+    precisions: Sequence[str] | None = None,
 ) -> BuildReport:
     """Measure the blocks of `space` on `target` into the LUT at `db` (see module docstring).
 
     `trials` is the MetaSchedule budget per unique tuning task (0: untuned default schedules).
     `farm` (a codesign.farm.measure.FarmSpec) measures on a device farm; remote targets use
     their tracker and key by default.
+    `precisions` (e.g. the target's precision menu) measures every block at each precision
+    (keys `..._int8`, `..._fp16`); by default blocks are measured at their own precision.
+    `space` may be None when `blocks` are given (e.g. the blocks of one pruned network).
     """
     from codesign.tvm_backend.build import compile_module, prepare
     from codesign.tvm_backend.lower import lower_block
     from codesign.tvm_backend.runner import LocalRunner
 
-    space = get_space(space)
+    if space is None and blocks is None:
+        raise ValueError("build_lut needs a search space or an explicit list of blocks")
+    space = get_space(space) if space is not None else None
     target = parse_target(target)
     protocol = protocol or MeasureProtocol()
     if farm is None and runner is None and target.is_remote:
@@ -126,8 +132,11 @@ def build_lut(
         farm = FarmSpec.for_target(target)
     runner = runner or (None if farm is not None else LocalRunner(seed=seed))
     blocks = tuple(blocks) if blocks is not None else space.blocks()
+    if precisions:
+        blocks = tuple(dict.fromkeys(b.with_precision(p) for p in precisions for b in blocks))
     mode = "tuned" if trials > 0 else "untuned"
-    report = BuildReport(space.name, target.key, mode, len(blocks), trials_per_task=trials)
+    name = space.name if space is not None else "-"
+    report = BuildReport(name, target.key, mode, len(blocks), trials_per_task=trials)
     t_start = time.time()
     emulated = farm.is_emulated() if farm is not None else bool(getattr(runner, "emulated", False))
     if mode == "tuned" and emulated:
@@ -150,7 +159,9 @@ def build_lut(
             t0 = time.time()
             with _progress(len(blocks), "lower", progress) as bar:
                 for b in blocks:
-                    lowered[b.key] = lower_block(b, seed=seed, params_as_input=protocol.cache_flush)
+                    lowered[b.key] = lower_block(
+                        b, seed=seed, params_as_input=protocol.cache_flush, target=target
+                    )
                     fused[b.key] = prepare(lowered[b.key].mod)
                     bar.update()
             taskset = extract_tasks(fused, target)
@@ -221,7 +232,7 @@ def build_lut(
                     bar.update()
                     continue
                 low = lowered.get(b.key) or lower_block(
-                    b, seed=seed, params_as_input=protocol.cache_flush
+                    b, seed=seed, params_as_input=protocol.cache_flush, target=target
                 )
                 built = compile_module(low, target, database, fused=fused.get(b.key))
                 m = runner.run(built, protocol)
@@ -281,7 +292,7 @@ def _measure_on_farm(
 
         def build(b: BlockSpec = b) -> Any:
             low = lowered.get(b.key) or lower_block(
-                b, seed=seed, params_as_input=protocol.cache_flush
+                b, seed=seed, params_as_input=protocol.cache_flush, target=target
             )
             return compile_module(low, target, database, fused=fused.get(b.key))
 

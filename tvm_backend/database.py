@@ -131,8 +131,15 @@ _CLASS: type | None = None
 
 
 def open_tuning_database(path: str | Path, target_key: str) -> Any:
-    """The MetaSchedule database of `target_key` inside the LUT file at `path`."""
+    """The MetaSchedule database of `target_key` inside the LUT file at `path`.
+
+    codesign's tensor intrinsics are registered first: records of int8 tasks name them, and
+    TVM refuses to load a record whose intrinsic is unknown.
+    """
+    from codesign.tvm_backend.intrin import register_intrinsics
+
     global _CLASS
+    register_intrinsics()
     if _CLASS is None:
         _CLASS = _make_class()
     return _CLASS(path, target_key)

@@ -63,12 +63,21 @@ def lower_module(
     return Lowered(mod, tuple(input_shape), "float32", params, label)
 
 
-def lower_block(spec: BlockSpec, *, seed: int = 0, params_as_input: bool = False) -> Lowered:
-    """Lower one block with seeded weights (values do not change dense-kernel latency)."""
+def lower_block(
+    spec: BlockSpec, *, seed: int = 0, params_as_input: bool = False, target: Any = None
+) -> Lowered:
+    """Lower one block with seeded weights (values do not change dense-kernel latency).
+
+    fp32 blocks go through torch.export; fp16 and int8 blocks through the quantised lowering
+    (`codesign.tvm_backend.quantize`), whose int8 weight packing follows `target`'s precision
+    menu (default: this machine's x86 target).
+    """
     if spec.precision != "fp32":
-        raise BuildError(
-            f"{spec.key}: only fp32 blocks lower through torch.export; quantized blocks are "
-            "lowered by codesign.compression"
-        )
+        from codesign.targets import parse_target
+        from codesign.tvm_backend.precision import precision_menu
+        from codesign.tvm_backend.quantize import lower_precision_block
+
+        menu = precision_menu(parse_target(target if target is not None else "x86"))
+        return lower_precision_block(spec, menu, seed=seed, params_as_input=params_as_input)
     module = init_weights(build_block(spec), seed)
     return lower_module(module, spec.input_shape, params_as_input=params_as_input, label=spec.key)

@@ -202,9 +202,7 @@ def tune(
         builder = _counting_builder(builder, on_trials)
     with tempfile.TemporaryDirectory(prefix="codesign-tune-") as tmp, reap_workers():
         wd = work_dir or tmp
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            [t.extracted for t in todo], wd, strategy=_strategy(trials_per_task), seed=seed
-        )
+        contexts, weights = _tune_contexts(todo, target, wd, _strategy(trials_per_task), seed)
         per_iter = max(1, min(trials_per_task, 32))
         try:
             ms.tune.tune_tasks(
@@ -230,6 +228,46 @@ def tune(
     return TuneReport(
         taskset.unique, len(todo), trials_per_task * len(todo), after - before, time.time() - start
     )
+
+
+def _tune_contexts(
+    todo: list[Task], target: Target, work_dir: str, strategy: Any, seed: int
+) -> tuple[list[Any], list[float]]:
+    """MetaSchedule's `extracted_tasks_to_tune_contexts`, except that int8 convolution tasks
+    (see `codesign.tvm_backend.intrin`) get the target's tensorizing design space. Float tasks
+    keep the default space and the same per-task seeds as before."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
+    from tvm.s_tir.meta_schedule.utils import fork_seed
+
+    from codesign.tvm_backend.intrin import int8_space, is_int8_task, register_intrinsics
+
+    intrin = ""
+    if any(is_int8_task(t.mod) for t in todo):
+        from codesign.tvm_backend.precision import precision_menu
+
+        intrin = precision_menu(target).int8_intrin
+        register_intrinsics()
+    contexts, weights = [], []
+    loggers = get_loggers_from_work_dir(work_dir, [t.extracted.task_name for t in todo])
+    for task, logger, rand_state in zip(todo, loggers, fork_seed(seed, n=len(todo)), strict=True):
+        if task.extracted.mod.attrs.get("tirx.is_scheduled", False):
+            continue  # as MetaSchedule does: nothing to tune
+        space = int8_space(intrin) if intrin and is_int8_task(task.mod) else "post-order-apply"
+        contexts.append(
+            ms.TuneContext(
+                mod=task.mod,
+                target=task.extracted.target,
+                space_generator=space,
+                search_strategy=strategy,
+                task_name=task.extracted.task_name,
+                logger=logger,
+                rand_state=rand_state,
+                num_threads="physical",
+            ).clone()
+        )
+        weights.append(task.extracted.weight)
+    return contexts, weights
 
 
 def _strategy(trials_per_task: int) -> Any:
