@@ -1,4 +1,4 @@
-"""The pipeline's compression stage: AMC channel pruning or HAQ mixed precision of the searched
+"""The pipeline's compression stage: AMC channel pruning of the searched
 network, under `[compress] budget_fraction` x the searched network's predicted latency (the
 search already meets the search budget; compression buys the rest)."""
 
@@ -28,8 +28,6 @@ def compress(
     target_ms = cfg.compress.budget_fraction * base_ms
     if cfg.compress.method == "amc":
         return _amc(cfg, model_dir, db, model_path, target_ms, work, progress)
-    if cfg.compress.method == "haq":
-        return _haq(cfg, model_dir, db, model_path, target_ms, work, progress)
     raise ConfigError(f"unknown compression method {cfg.compress.method!r}")
 
 
@@ -86,15 +84,3 @@ def _amc(
             "title": f"AMC policy ({r['episodes']} episodes, budget {target_ms:.3g} ms)",
         },
     }
-
-
-def _haq(
-    cfg: PipelineConfig,
-    model_dir: Path,
-    db: Path,
-    model_path: str,
-    target_ms: float,
-    work: Path,
-    progress: bool,
-) -> dict[str, Any]:
-    raise ConfigError("[compress] method = haq is not wired into the pipeline yet")
