@@ -29,7 +29,8 @@ from common import machine, write_result  # noqa: E402
 
 from codesign.data import load_dataset  # noqa: E402
 from codesign.measurement import MeasureProtocol  # noqa: E402
-from codesign.search.run import SearchJob, ensure_lut, measure_arch, run_search  # noqa: E402
+from codesign.search.hardware import ensure_lut, measure_arch  # noqa: E402
+from codesign.search.run import SearchJob, SearchSettings, run_search  # noqa: E402
 from codesign.search.space import get_space  # noqa: E402
 from codesign.search.strategies import retrain  # noqa: E402
 from codesign.targets import parse_target  # noqa: E402
@@ -85,13 +86,15 @@ def main() -> int:
             target=target.spec,
             latency_ms=round(ms, 4),
             dataset=args.dataset,
-            epochs=epochs,
-            retrain_epochs=retrain_epochs,
             db=str(db),
-            loss=args.loss,
-            repeat=repeat,
-            min_repeat_ms=min_ms,
-            seed=args.seed,
+            settings=SearchSettings(
+                epochs=epochs,
+                retrain_epochs=retrain_epochs,
+                loss=args.loss,
+                repeat=repeat,
+                min_repeat_ms=min_ms,
+                seed=args.seed,
+            ),
         )
 
     # ---------------------------------------------------------------- baselines
@@ -104,7 +107,7 @@ def main() -> int:
         bdir = work / f"baseline-w{w:g}"
         bdir.mkdir(exist_ok=True)
         t0 = time.time()
-        _, trained = retrain(recipe, bspace, arch, data, bdir, True)
+        _, trained = retrain(recipe.settings, bspace, arch, data, bdir, True)
         ms = {
             t.key: measure_arch(bspace, arch, t, protocol, seed=args.seed).median_ms
             for t in (main_t, other_t)

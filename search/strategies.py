@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from codesign.arch import Arch
 from codesign.data import Dataset
@@ -16,9 +16,13 @@ from codesign.search.objective import LatencyObjective
 from codesign.search.space import SearchSpace
 from codesign.targets import Target
 
+if TYPE_CHECKING:
+    from codesign.search.run import SearchSettings
+
 
 def run_strategy(
-    job: Any,
+    settings: SearchSettings,
+    latency_ms: float,
     space: SearchSpace,
     data: Dataset,
     model: Any,
@@ -31,22 +35,22 @@ def run_strategy(
     from codesign.search.proxyless import ProxylessConfig, ProxylessSearch
     from codesign.search.supernet import Supernet
 
-    evolution = job.strategy == "evolution"
-    warmup = job.epochs if evolution else job.warmup_epochs
+    evolution = settings.strategy == "evolution"
+    warmup = settings.epochs if evolution else settings.warmup_epochs
     cfg = ProxylessConfig(
-        epochs=job.epochs,
-        warmup_epochs=job.epochs // 4 if warmup is None else warmup,
-        batch_size=job.batch_size,
-        weight_lr=job.lr,
-        arch_lr=job.arch_lr,
-        estimator=job.estimator,
-        seed=job.seed,
+        epochs=settings.epochs,
+        warmup_epochs=settings.epochs // 4 if warmup is None else warmup,
+        batch_size=settings.batch_size,
+        weight_lr=settings.lr,
+        arch_lr=settings.arch_lr,
+        estimator=settings.estimator,
+        seed=settings.seed,
     )
-    supernet = Supernet(space, seed=job.seed)
+    supernet = Supernet(space, seed=settings.seed)
     search = ProxylessSearch(supernet, data, model, objective, cfg)
     outcome = search.run(out / "search.pt", progress=progress)
     found: dict[str, Any] = {
-        "strategy": job.strategy,
+        "strategy": settings.strategy,
         "argmax_arch": outcome.arch.encode(),
         "probs": outcome.probs,
         "history": outcome.history,
@@ -55,19 +59,19 @@ def run_strategy(
     if not evolution:
         return found
     ecfg = EvolutionConfig(
-        population=job.population,
-        generations=job.generations,
-        parents=max(2, job.population // 3),
-        mutations=job.population // 3,
-        crossovers=job.population // 3,
-        seed=job.seed,
+        population=settings.population,
+        generations=settings.generations,
+        parents=min(settings.population, max(2, settings.population // 3)),
+        mutations=settings.population // 3,
+        crossovers=settings.population // 3,
+        seed=settings.seed,
     )
-    scorer = SupernetScorer(supernet, data, batch_size=job.batch_size)
+    scorer = SupernetScorer(supernet, data, batch_size=settings.batch_size)
     t0 = time.time()
     evo = evolve(
         space,
         model,
-        job.latency_ms,
+        latency_ms,
         scorer,
         ecfg,
         checkpoint=out / "evolution.json",
@@ -93,35 +97,43 @@ def _choose(space: SearchSpace, found: dict[str, Any], model: Any, budget: float
 
 
 def derive_and_measure(
-    job: Any,
+    settings: SearchSettings,
+    latency_ms: float,
     space: SearchSpace,
     found: dict[str, Any],
     model: Any,
     target: Target,
-    db: Path,
+    db: Path | None,
     out: Path,
     progress: bool,
 ) -> dict[str, Any]:
     """Derive the final Arch within the latency budget and measure it on the target; tighten
     the budget by target/measured and retry (bounded) while it misses the target."""
     from codesign.measurement import MeasureProtocol
-    from codesign.search.run import _log, _write_json, measure_arch, tuning_database
+    from codesign.search.hardware import log, measure_arch, tuning_database
+    from codesign.search.run import _write_json
 
-    protocol = MeasureProtocol(repeat=job.repeat, min_repeat_ms=job.min_repeat_ms)
+    protocol = MeasureProtocol(repeat=settings.repeat, min_repeat_ms=settings.min_repeat_ms)
     database = tuning_database(model, db, target)
 
     path = out / "derive.json"
     state = json.loads(path.read_text()) if path.exists() else {"rounds": [], "seconds": 0.0}
     rounds = state["rounds"]
-    budget = rounds[-1]["next_budget_ms"] if rounds else job.latency_ms
+    budget = rounds[-1]["next_budget_ms"] if rounds else latency_ms
     while not (rounds and rounds[-1]["done"]):
         t0 = time.time()
         arch = _choose(space, found, model, budget)
         again = any(r["arch"] == arch.encode() for r in rounds)
         m = measure_arch(
-            space, arch, target, protocol, database=database, trials=model.trials, seed=job.seed
+            space,
+            arch,
+            target,
+            protocol,
+            database=database,
+            trials=model.trials,
+            seed=settings.seed,
         )
-        met = m.median_ms <= job.latency_ms
+        met = m.median_ms <= latency_ms
         rounds.append(
             {
                 "budget_ms": budget,
@@ -135,16 +147,16 @@ def derive_and_measure(
                     "repeats": m.repeats,
                 },
                 "met": met,
-                "next_budget_ms": budget * job.latency_ms / m.median_ms * 0.98,
-                "done": met or again or len(rounds) + 1 >= job.measure_rounds,
+                "next_budget_ms": budget * latency_ms / m.median_ms * 0.98,
+                "done": met or again or len(rounds) + 1 >= settings.measure_rounds,
             }
         )
         state["seconds"] += time.time() - t0
         _write_json(path, state)
         r = rounds[-1]
-        _log(
+        log(
             f"derived {r['arch']}: {r['predicted_ms']:.4g} ms predicted, {r['measured_ms']:.4g} "
-            f"ms measured ({'meets' if met else 'misses'} {job.latency_ms:g} ms)",
+            f"ms measured ({'meets' if met else 'misses'} {latency_ms:g} ms)",
             progress,
         )
         budget = r["next_budget_ms"]
@@ -162,19 +174,24 @@ def derive_and_measure(
 
 
 def retrain(
-    job: Any, space: SearchSpace, arch: Arch, data: Dataset, out: Path, progress: bool
+    settings: SearchSettings,
+    space: SearchSpace,
+    arch: Arch,
+    data: Dataset,
+    out: Path,
+    progress: bool,
 ) -> tuple[Any, dict[str, Any]]:
     """Train `arch` from scratch on the whole training split; accuracy on the validation split."""
     from codesign.modules import build_network
     from codesign.train import TrainConfig, evaluate, train
 
     cfg = TrainConfig(
-        epochs=job.retrain_epochs or job.epochs,
-        batch_size=job.batch_size,
-        lr=job.lr,
-        seed=job.seed,
+        epochs=settings.retrain_for,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        seed=settings.seed,
     )
-    net = build_network(space, arch, seed=job.seed)
+    net = build_network(space, arch, seed=settings.seed)
     history = train(
         net, data, cfg, checkpoint=out / "retrain.pt", progress=progress, desc="retrain"
     )

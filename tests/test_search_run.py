@@ -199,7 +199,7 @@ def test_cli_refuses_an_unreachable_target(lut, tmp_path: Path) -> None:
 
 
 def test_evolution_strategy_end_to_end(lut, model, tiny, tmp_path: Path) -> None:
-    from codesign.search.run import SearchJob, run_search
+    from codesign.search.run import SearchJob, SearchSettings, run_search
 
     target = round(0.8 * model.predict(tiny.uniform("k3e6")), 4)
     job = SearchJob(
@@ -207,13 +207,15 @@ def test_evolution_strategy_end_to_end(lut, model, tiny, tmp_path: Path) -> None
         target="x86",
         latency_ms=target,
         dataset="digits",
-        strategy="evolution",
-        epochs=1,
         db=str(lut),
-        population=6,
-        generations=2,
-        repeat=3,
-        min_repeat_ms=5,
+        settings=SearchSettings(
+            strategy="evolution",
+            epochs=1,
+            population=6,
+            generations=2,
+            repeat=3,
+            min_repeat_ms=5,
+        ),
     )
     report = run_search(job, tmp_path / "evo", progress=False)
     assert report["strategy"] == "evolution" and report["predicted_ms"] <= target
@@ -222,3 +224,30 @@ def test_evolution_strategy_end_to_end(lut, model, tiny, tmp_path: Path) -> None
     assert (tmp_path / "evo" / "evolution.json").exists() and (
         tmp_path / "evo" / "weights.pt"
     ).exists()
+
+
+def test_search_arch_python_entry_point(lut, model, tiny, tmp_path: Path) -> None:
+    """The pipeline's entry: objects in, the Arch and a JSON-able report out, resumable."""
+    from codesign.arch import Arch
+    from codesign.search.run import SearchSettings, search_arch
+
+    data = load_dataset("digits", tiny.input_shape)
+    budget = round(1.2 * model.predict(tiny.uniform("k3e6")), 4)
+    settings = SearchSettings(epochs=1, retrain_epochs=0, repeat=3, min_repeat_ms=5)
+    out = tmp_path / "s"
+    res = search_arch(tiny, model, data, budget, out, settings=settings, progress=False)
+    assert isinstance(res.arch, Arch) and res.arch.space == "tiny" and res.accuracy is None
+    assert res.predicted_ms <= budget and res.predicted_ms == pytest.approx(model.predict(res.arch))
+    assert res.measured_ms > 0 and res.target_met == (res.measured_ms <= budget)
+    assert json.loads(json.dumps(res.report))["arch"] == res.arch.encode()
+    assert (out / "arch.json").exists() and not (out / "weights.pt").exists()
+    # the model as a file + its LUT: the same inputs, so the finished search is returned
+    path = model.save(tmp_path / "model.json")
+    again = search_arch(tiny, path, data, budget, out, settings=settings, lut=lut, progress=False)
+    assert again == res
+    with pytest.raises(SearchError, match=r"other settings \(latency_ms\)"):
+        search_arch(tiny, model, data, 2 * budget, out, settings=settings, progress=False)
+    with pytest.raises(SearchError, match="not 'tiny-w0.5'"):
+        from codesign.search.space import get_space
+
+        search_arch(get_space("tiny-w0.5"), model, data, budget, tmp_path / "o", progress=False)

@@ -27,7 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strategy", choices=("proxyless", "evolution"), default="proxyless")
     p.add_argument("--epochs", type=int, default=10, help="supernet training epochs")
     p.add_argument("--warmup-epochs", type=int, default=None, help="default: epochs // 4")
-    p.add_argument("--retrain-epochs", type=int, default=None, help="default: --epochs")
+    p.add_argument(
+        "--retrain-epochs", type=int, default=None, help="default: --epochs; 0: no retraining"
+    )
     p.add_argument("--db", default=None, help="LUT file (default OUT/lut.sqlite; built if needed)")
     p.add_argument(
         "--latency-model", default=None, help="fitted model (`codesign latency fit`); default: LUT"
@@ -73,23 +75,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from codesign.search.run import SearchJob, run_search
+    from codesign.search.run import SearchJob, SearchSettings, run_search
 
     if args.torch_threads:
         import torch
 
         torch.set_num_threads(args.torch_threads)
-    job = SearchJob(
-        space=args.space,
-        target=args.target,
-        latency_ms=args.latency_ms,
-        dataset=args.dataset,
+    settings = SearchSettings(
         strategy=args.strategy,
         epochs=args.epochs,
         warmup_epochs=args.warmup_epochs,
         retrain_epochs=args.retrain_epochs,
-        db=args.db,
-        latency_model=args.latency_model,
         estimator=args.estimator,
         loss=args.loss,
         batch_size=args.batch_size,
@@ -101,15 +97,27 @@ def _search(args: argparse.Namespace) -> int:
         min_repeat_ms=args.min_repeat_ms,
         seed=args.seed,
     )
+    job = SearchJob(
+        space=args.space,
+        target=args.target,
+        latency_ms=args.latency_ms,
+        dataset=args.dataset,
+        db=args.db,
+        latency_model=args.latency_model,
+        settings=settings,
+    )
     report = run_search(job, args.out, progress=not args.no_progress)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
+        acc = report["accuracy"]
+        files = "arch.json, model.json, weights.pt" if acc is not None else "arch.json"
         print(
-            f"{report['arch']}\n  accuracy {report['accuracy']:.2f}%  predicted "
+            f"{report['arch']}\n  accuracy "
+            f"{'not retrained' if acc is None else f'{acc:.2f}%'}  predicted "
             f"{report['predicted_ms']:.4g} ms  measured {report['measured_ms']:.4g} ms  target "
             f"{report['latency_target_ms']:g} ms {'met' if report['target_met'] else 'MISSED'}\n"
-            f"  wrote {args.out}/arch.json, model.json, weights.pt, report.json"
+            f"  wrote {args.out}/{files}, report.json"
         )
     return 0
 
