@@ -134,11 +134,12 @@ def derive_and_measure(
             seed=settings.seed,
         )
         met = m.median_ms <= latency_ms
+        predicted = float(model.predict(arch))
         rounds.append(
             {
                 "budget_ms": budget,
                 "arch": arch.encode(),
-                "predicted_ms": float(model.predict(arch)),
+                "predicted_ms": predicted,
                 "measured_ms": m.median_ms,
                 "measurement": {
                     "median_ms": m.median_ms,
@@ -147,7 +148,9 @@ def derive_and_measure(
                     "repeats": m.repeats,
                 },
                 "met": met,
-                "next_budget_ms": budget * latency_ms / m.median_ms * 0.98,
+                # scaled from this arch's prediction (not the budget it was under), so that
+                # the next one is predicted faster even when the model under-estimates
+                "next_budget_ms": min(budget, predicted) * latency_ms / m.median_ms * 0.98,
                 "done": met or again or len(rounds) + 1 >= settings.measure_rounds,
             }
         )
