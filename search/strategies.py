@@ -96,6 +96,13 @@ def _choose(space: SearchSpace, found: dict[str, Any], model: Any, budget: float
     return sorted(fits, key=lambda t: (-t[1], ms[t[0].encode()], t[0].encode()))[0][0]
 
 
+def next_budget(budget: float, predicted: float, target: float, measured: float) -> float:
+    """The derivation budget after an arch predicted at `predicted` measured `measured` ms:
+    scaled from its prediction (not from the budget it was under), so that the next arch is
+    predicted faster even when the model under-estimates the network by a wide margin."""
+    return min(budget, predicted) * target / measured * 0.98
+
+
 def derive_and_measure(
     settings: SearchSettings,
     latency_ms: float,
@@ -148,9 +155,7 @@ def derive_and_measure(
                     "repeats": m.repeats,
                 },
                 "met": met,
-                # scaled from this arch's prediction (not the budget it was under), so that
-                # the next one is predicted faster even when the model under-estimates
-                "next_budget_ms": min(budget, predicted) * latency_ms / m.median_ms * 0.98,
+                "next_budget_ms": next_budget(budget, predicted, latency_ms, m.median_ms),
                 "done": met or again or len(rounds) + 1 >= settings.measure_rounds,
             }
         )

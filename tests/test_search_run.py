@@ -135,6 +135,14 @@ def test_proxyless_search_is_seeded_and_resumable(tiny, digits, model, tmp_path:
     assert ms <= budget and ms == pytest.approx(model.predict(arch))
 
 
+def test_a_missed_target_tightens_below_the_missed_prediction() -> None:
+    from codesign.search.strategies import next_budget
+
+    # predicted 0.16 ms under a 0.66 ms budget, measured 0.9 ms: the next budget must exclude it
+    assert next_budget(0.66, 0.16, 0.66, 0.9) < 0.16 * 0.66 / 0.9 + 1e-12
+    assert next_budget(0.5, 0.6, 0.5, 0.55) == pytest.approx(0.5 * 0.5 / 0.55 * 0.98)
+
+
 def test_reinforce_search_runs(tiny, digits, model) -> None:
     s = _search(tiny, digits, model, 0, epochs=1, estimator="reinforce", reinforce_samples=2)
     out = s.run(progress=False)
