@@ -30,7 +30,7 @@ from common import machine, write_result  # noqa: E402
 from codesign.data import load_dataset  # noqa: E402
 from codesign.measurement import MeasureProtocol  # noqa: E402
 from codesign.search.hardware import ensure_lut, measure_arch  # noqa: E402
-from codesign.search.run import SearchJob, SearchSettings, run_search  # noqa: E402
+from codesign.search.run import SearchJob, run_search  # noqa: E402
 from codesign.search.space import get_space  # noqa: E402
 from codesign.search.strategies import retrain  # noqa: E402
 from codesign.targets import parse_target  # noqa: E402
@@ -87,14 +87,12 @@ def main() -> int:
             latency_ms=round(ms, 4),
             dataset=args.dataset,
             db=str(db),
-            settings=SearchSettings(
-                epochs=epochs,
-                retrain_epochs=retrain_epochs,
-                loss=args.loss,
-                repeat=repeat,
-                min_repeat_ms=min_ms,
-                seed=args.seed,
-            ),
+            epochs=epochs,
+            retrain_epochs=retrain_epochs,
+            loss=args.loss,
+            repeat=repeat,
+            min_repeat_ms=min_ms,
+            seed=args.seed,
         )
 
     # ---------------------------------------------------------------- baselines

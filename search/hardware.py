@@ -3,7 +3,6 @@ measurement of the final network through a real TVM build (`compile_network` + `
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -122,15 +121,7 @@ def measure_arch(
     from codesign.tvm_backend.runner import LocalRunner
 
     built, _ = compile_network(space, arch, target, seed=seed, database=database, trials=trials)
-    # TVM's thread pool pins the calling thread to one core when it is configured (any thread
-    # count) and never unpins it: restore the mask, or everything after the measurement in this
-    # process (PyTorch training, parse_target's core count) runs on a single core.
-    mask = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    try:
-        m = LocalRunner(seed=seed).run(built, protocol)
-    finally:
-        if mask is not None:
-            os.sched_setaffinity(0, mask)
+    m = LocalRunner(seed=seed).run(built, protocol)  # keeps this process's CPU mask
     if not m.ok:
         raise SearchError(f"measuring {arch.encode()} on {target.key} failed: {m.error}")
     return m

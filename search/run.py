@@ -94,15 +94,45 @@ class SearchSettings:
 
 @dataclass(frozen=True, slots=True)
 class SearchJob:
-    """A search named by strings (the CLI): space, target spec, dataset name or path."""
+    """A search named by strings (the CLI, the pipeline): space, target spec, dataset name or
+    path, LUT and model files, and the settings of `SearchSettings` flat (same defaults)."""
 
     space: str
     target: str
     latency_ms: float
     dataset: str = "mnist5k"
+    strategy: str = "proxyless"
+    epochs: int = 10
+    warmup_epochs: int | None = None
+    retrain_epochs: int | None = None
     db: str | None = None  # default: OUT/lut.sqlite
     latency_model: str | None = None  # fitted model file; default: LUT only
-    settings: SearchSettings = field(default_factory=SearchSettings)
+    estimator: str = "binary"
+    loss: str = "mul"
+    batch_size: int = 32
+    lr: float = 0.05
+    arch_lr: float = 0.01
+    population: int = 24
+    generations: int = 8
+    repeat: int = 10
+    min_repeat_ms: int = 50
+    measure_rounds: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.settings  # noqa: B018 - validates
+
+    @property
+    def settings(self) -> SearchSettings:
+        names = [f.name for f in dataclasses.fields(SearchSettings)]
+        return SearchSettings(**{n: getattr(self, n) for n in names})
+
+    @property
+    def retrain_for(self) -> int:  # so that a job can stand for its settings (retrain(job, ..))
+        return self.settings.retrain_for
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)

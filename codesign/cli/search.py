@@ -75,13 +75,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from codesign.search.run import SearchJob, SearchSettings, run_search
+    from codesign.search.run import SearchJob, run_search
 
     if args.torch_threads:
         import torch
 
         torch.set_num_threads(args.torch_threads)
-    settings = SearchSettings(
+    job = SearchJob(
+        space=args.space,
+        target=args.target,
+        latency_ms=args.latency_ms,
+        dataset=args.dataset,
+        db=args.db,
+        latency_model=args.latency_model,
         strategy=args.strategy,
         epochs=args.epochs,
         warmup_epochs=args.warmup_epochs,
@@ -96,15 +102,6 @@ def _search(args: argparse.Namespace) -> int:
         repeat=args.repeat,
         min_repeat_ms=args.min_repeat_ms,
         seed=args.seed,
-    )
-    job = SearchJob(
-        space=args.space,
-        target=args.target,
-        latency_ms=args.latency_ms,
-        dataset=args.dataset,
-        db=args.db,
-        latency_model=args.latency_model,
-        settings=settings,
     )
     report = run_search(job, args.out, progress=not args.no_progress)
     if args.json:
