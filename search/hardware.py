@@ -118,9 +118,13 @@ def measure_arch(
     """Compile like the latency model's networks (`compile_network`, with `database` for tuned
     LUTs) and time with `LocalRunner` -> Measurement."""
     from codesign.latency.networks import compile_network
+    from codesign.modules import build_network
     from codesign.tvm_backend.runner import LocalRunner
 
-    built, _ = compile_network(space, arch, target, seed=seed, database=database, trials=trials)
+    net = build_network(space, arch, seed=seed)
+    built, _ = compile_network(
+        net, target, label=arch.encode(), database=database, trials=trials, seed=seed
+    )
     m = LocalRunner(seed=seed).run(built, protocol)  # keeps this process's CPU mask
     if not m.ok:
         raise SearchError(f"measuring {arch.encode()} on {target.key} failed: {m.error}")
