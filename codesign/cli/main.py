@@ -66,6 +66,7 @@ COMMANDS = (
     "artifact",
     "prune",
     "pipeline",
+    "search",
     "quantize",
 )
 
