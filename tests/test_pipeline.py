@@ -112,6 +112,8 @@ networks = 8
 epochs = 1
 retrain_epochs = 1
 baselines = ["k3e3"]
+[compress]
+method = "none"
 """
 
 

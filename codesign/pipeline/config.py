@@ -52,7 +52,7 @@ class LutConfig:
 
 @dataclass(frozen=True, slots=True)
 class LatencyConfig:
-    networks: int = 30
+    networks: int = 24
     test_fraction: float = 0.33
 
 
@@ -67,8 +67,8 @@ class SearchConfig:
 
 @dataclass(frozen=True, slots=True)
 class CompressConfig:
-    method: str = "none"  # none | amc  (haq: `codesign quantize`)
-    episodes: int = 20
+    method: str = "amc"  # amc | none  (haq: `codesign quantize`)
+    episodes: int = 30
     finetune_epochs: int = 2
     budget_fraction: float = 0.75  # of the searched network's predicted latency
 
