@@ -31,29 +31,46 @@ BENCHMARKS = (
 )
 
 
-def _headline(name: str, data: dict) -> str:
+def _headline(name: str, d: dict) -> str:
     """One line per benchmark: the figure its issue asks for."""
     try:
         if name == "lut_build":
+            t, sp = d["tuned"], d["speedup_tuned_over_untuned"]
             return (
-                f"{data['blocks']} blocks, {data['unique_tasks']} unique tasks of "
-                f"{data['total_tasks']}; tuned/untuned median speedup "
-                f"{data['speedup_median']:.2f}x"
+                f"{d['entries']} blocks, {t['unique_tasks']} unique tasks of "
+                f"{t['tasks_in_all_blocks']}, tuned/untuned geomean {sp['geomean']:.2f}x, "
+                f"build {d['untuned']['seconds']:.0f} s untuned + {t['seconds']:.0f} s tuned"
             )
         if name == "latency_model":
-            r = data["results"]
-            return ", ".join(
-                f"{k}: RMSPE {r[k]['rmspe'] * 100:.1f}%, ±10% {r[k]['within10'] * 100:.0f}%"
-                for k in ("lut_only", "flops_linear", "lut_xgb")
+            return (
+                ", ".join(
+                    f"{k} RMSPE {d[k]['rmspe'] * 100:.1f}% (±10%: {d[k]['within10'] * 100:.0f}%)"
+                    for k in ("lut_only", "flops_linear", "lut_xgb")
+                )
+                + f"; spread of 5 repeats of one net {d['noise_floor']['spread'] * 100:.0f}%"
             )
+        if name == "runtime_vs_peers":
+            return (
+                f"TVM tuned {d['tvm_tuned_ms']:.3g} ms, ORT/TVM {d['ratio_ort_over_tvm']:.2f}, "
+                f"torch/TVM {d['ratio_torch_over_tvm']:.2f}"
+            )
+        if name == "farm":
+            return f"2 vs 1 servers {d['speedup_2_vs_1_servers']}x"
         if name == "nas":
-            return json.dumps(data.get("summary", data.get("searched", "")))[:160]
-        if name in ("haq", "amc"):
-            keys = ("speedup_vs_fp32", "speedup", "acc_drop", "haq_acc", "amc_acc")
-            return ", ".join(f"{k} {data[k]}" for k in keys if k in data)
-    except (KeyError, TypeError):
+            return f"speedup at equal accuracy {d['speedup_at_equal_accuracy']}"
+        if name == "haq":
+            return (
+                f"fp32 {d['fp32_ms']:.3g} ms {d['fp32_acc']:.1f}%, int8 {d['int8_ms']:.3g} ms, "
+                f"HAQ {d['haq_ms']:.3g} ms {d['haq_acc']:.1f}% ({d['speedup_vs_fp32']}x)"
+            )
+        if name == "amc":
+            return (
+                f"base {d['base_ms']:.3g} ms {d['base_acc']:.1f}%, AMC {d['amc_ms']:.3g} ms "
+                f"{d['amc_acc']:.1f}% ({d['speedup']:.2f}x), uniform {d['uniform_acc']:.1f}%"
+            )
+    except (KeyError, TypeError, ValueError):
         pass
-    return ", ".join(f"{k}={v}" for k, v in data.items() if isinstance(v, int | float))[:160]
+    return "(see the JSON)"
 
 
 def main() -> int:

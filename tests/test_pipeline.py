@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from codesign.pipeline import STAGES
 from codesign.pipeline.config import ConfigError, PipelineConfig, from_dict, load_config, to_toml
 from codesign.pipeline.stages import StageRunner
 
@@ -149,14 +150,15 @@ def test_pipeline_end_to_end_interrupted_and_resumed(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode != 0, "the pipeline finished before it could be interrupted"
+    assert proc.returncode == 130, err[-3000:]  # stopped: at once, or when the stage ended
     assert "interrupted" in err.lower(), err[-2000:]
     assert _stage_state(out, "latency")["completed"]
-    assert not _stage_state(out, "search")["completed"]
+    assert _stage_state(out, "verify") is None
+    done = [n for n in STAGES if (_stage_state(out, n) or {}).get("completed")]
 
     res = run(load_config(cfg_file), out, progress=False)
-    assert res.summary["stages"]["skipped"] == ["lut", "latency"]
-    assert res.summary["stages"]["ran"] == ["search", "baselines", "compress", "compile", "verify"]
+    assert res.summary["stages"]["skipped"] == done
+    assert res.summary["stages"]["ran"] == [n for n in STAGES if n not in done]
     s = res.summary
     assert res.artifact.exists() and s["artifact"]["latency_ms"] > 0
     assert 0 <= s["artifact"]["accuracy"] <= 100

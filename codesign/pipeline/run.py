@@ -334,6 +334,16 @@ def run(
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     db = _db_path(cfg, out)
     runner = StageRunner(out, total=len(STAGES) - 1 + len(cfg.target.targets))
+    with runner.stop_on_signals():
+        summary = _stages(cfg, out, db, runner, progress)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    md, html = write_report(out, cfg, summary)
+    return PipelineResult(out, Path(summary["artifact"]["path"]), md, html, summary)
+
+
+def _stages(
+    cfg: PipelineConfig, out: Path, db: Path, runner: StageRunner, progress: bool
+) -> dict[str, Any]:
     main_target = cfg.target.targets[0]
 
     lut = runner.run(
@@ -406,9 +416,7 @@ def run(
         "verify": ver,
         "stages": {"ran": runner.ran, "skipped": runner.skipped},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    md, html = write_report(out, cfg, summary)
-    return PipelineResult(out, Path(first["artifact"]), md, html, summary)
+    return summary
 
 
 def with_overrides(cfg: PipelineConfig, **sections: dict[str, Any]) -> PipelineConfig:

@@ -11,12 +11,15 @@ directory, so stages that checkpoint (LUT rows, training epochs) resume where th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +64,7 @@ class StageRunner:
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.ran: list[str] = []
         self.skipped: list[str] = []
+        self.stop_requested = False
 
     def record(self, name: str) -> StageRecord | None:
         path = self.root / f"{name}.json"
@@ -107,7 +111,34 @@ class StageRunner:
         )
         self.log(f"[{name_shown}] done in {seconds:.0f} s")
         self.ran.append(name)
+        if self.stop_requested:  # the interrupt was swallowed inside the stage: stop here
+            raise KeyboardInterrupt
         return outputs
+
+    @contextlib.contextmanager
+    def stop_on_signals(self) -> Iterator[None]:
+        """Ctrl-C / SIGTERM stop the run at once as usual, and at the latest when the running
+        stage ends (some libraries swallow KeyboardInterrupt, e.g. inside torch.export)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum: int, frame: Any) -> None:
+            self.stop_requested = True
+            before = previous[signum]
+            if callable(before):
+                before(signum, frame)
+            else:
+                raise KeyboardInterrupt
+
+        for sig in previous:
+            signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, before in previous.items():
+                signal.signal(sig, before)
 
     def _write(self, rec: StageRecord) -> None:
         path = self.root / f"{rec.name}.json"
