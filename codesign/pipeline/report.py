@@ -160,7 +160,11 @@ def _markdown(cfg: PipelineConfig, s: dict[str, Any], figs: dict[str, Path], out
         lines += [f"Method: {comp['method']}; policy `{comp.get('policy', '')}`.", ""]
         for k in ("before", "after"):
             if k in comp:
-                lines.append(f"- {k}: {comp[k]}")
+                v = comp[k]
+                lines.append(
+                    f"- {k}: {_f(v.get('acc'))}% validation accuracy, "
+                    f"{_f(v.get('measured_ms'))} ms measured"
+                )
         if "policy" in rel:
             lines += ["", f"![policy]({rel['policy']})"]
         lines.append("")
