@@ -47,7 +47,7 @@ def _headline(name: str, d: dict) -> str:
                     f"{k} RMSPE {d[k]['rmspe'] * 100:.1f}% (±10%: {d[k]['within10'] * 100:.0f}%)"
                     for k in ("lut_only", "flops_linear", "lut_xgb")
                 )
-                + f"; spread of 5 repeats of one net {d['noise_floor']['spread'] * 100:.0f}%"
+                + f"; spread of 5 repeats of one net {d['noise_floor']['spread'] * 100:.1f}%"
             )
         if name == "runtime_vs_peers":
             return (
@@ -55,7 +55,13 @@ def _headline(name: str, d: dict) -> str:
                 f"torch/TVM {d['ratio_torch_over_tvm']:.2f}"
             )
         if name == "farm":
-            return f"2 vs 1 servers {d['speedup_2_vs_1_servers']}x"
+            t, r = d["throughput"], d["rpc_vs_local"]
+            return (
+                f"entries/min local {t['local']['entries_per_minute']}, 1 server "
+                f"{t['farm_1_servers']['entries_per_minute']}, 2 servers "
+                f"{t['farm_2_servers']['entries_per_minute']}; RPC/local median ratio "
+                f"{r.get('median_ratio', r)}"
+            )
         if name == "nas":
             return f"speedup at equal accuracy {d['speedup_at_equal_accuracy']}"
         if name == "haq":
