@@ -81,6 +81,19 @@ class Injector(threading.Thread):
             self.error = err
 
 
+def _farm_build(lut: Path, cfg, tiny, x86):  # noqa: ANN001, ANN202
+    """The LUT build every test here runs: the tiny blocks on the farm's x86 servers."""
+    return build_lut(
+        tiny,
+        x86,
+        lut,
+        protocol=PROTO,
+        blocks=_blocks(tiny),
+        progress=False,
+        farm=FarmSpec(cfg.tracker, "x86", cfg),
+    )
+
+
 def _check_complete(lut: Path, x86, tiny, report) -> None:  # noqa: ANN001
     rows = _rows(lut, x86.key)
     keys = [e.key for e in rows]
@@ -96,15 +109,7 @@ def test_killed_server_mid_build(tmp_path: Path, cfg, tiny, x86) -> None:
     victim = server_proc(cfg, "x86-1")
     inj = Injector(lambda: len(_rows(lut, x86.key)) >= 2 and in_session(victim), victim.kill_tree)
     inj.start()
-    report = build_lut(
-        tiny,
-        x86,
-        lut,
-        protocol=PROTO,
-        blocks=_blocks(tiny),
-        progress=False,
-        farm=FarmSpec(cfg.tracker, "x86", cfg),
-    )
+    report = _farm_build(lut, cfg, tiny, x86)
     inj.join(5)
     assert inj.done, inj.error
     _check_complete(lut, x86, tiny, report)
@@ -125,15 +130,7 @@ def test_frozen_server_hits_deadline_and_is_quarantined(tmp_path: Path, cfg, tin
     inj.start()
     t0 = time.time()
     try:
-        report = build_lut(
-            tiny,
-            x86,
-            lut,
-            protocol=PROTO,
-            blocks=_blocks(tiny),
-            progress=False,
-            farm=FarmSpec(cfg.tracker, "x86", cfg),
-        )
+        report = _farm_build(lut, cfg, tiny, x86)
     finally:
         for p in victim.tree():
             p.resume()
@@ -177,15 +174,7 @@ def test_tracker_outage_longer_than_server_retry_window(tmp_path: Path, cfg, tin
     # after the first row: at most two jobs hold a server then, so the others need the tracker
     inj = Injector(lambda: len(_rows(lut, x86.key)) >= 1, take_tracker_down)
     inj.start()
-    report = build_lut(
-        tiny,
-        x86,
-        lut,
-        protocol=PROTO,
-        blocks=_blocks(tiny),
-        progress=False,
-        farm=FarmSpec(cfg.tracker, "x86", cfg),
-    )
+    report = _farm_build(lut, cfg, tiny, x86)
     inj.join(15)
     assert inj.done, inj.error
     _check_complete(lut, x86, tiny, report)

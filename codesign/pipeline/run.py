@@ -310,9 +310,9 @@ def stage_verify(artifact: str, progress: bool) -> dict[str, Any]:
     import codesign
 
     with codesign.load(artifact) as pred:
-        files = pred.artifact.files
-        x = np.load(io.BytesIO(files["sample_input.npy"]))
-        want = np.load(io.BytesIO(files["sample_output.npy"]))
+        files, samples = pred.artifact.files, pred.manifest.data["samples"]
+        x = np.load(io.BytesIO(files[samples["input"]]))
+        want = np.load(io.BytesIO(files[samples["output"]]))
         got = pred(x)
         err = float(np.max(np.abs(got - want)))
         if err > 1e-3:
@@ -344,6 +344,8 @@ def run(
 def _stages(
     cfg: PipelineConfig, out: Path, db: Path, runner: StageRunner, progress: bool
 ) -> dict[str, Any]:
+    from codesign.targets import parse_target
+
     main_target = cfg.target.targets[0]
 
     lut = runner.run(
@@ -381,8 +383,6 @@ def _stages(
     )
     shipped: dict[str, Any] = {}
     for i, target in enumerate(cfg.target.targets):
-        from codesign.targets import parse_target
-
         key = parse_target(target).key
         name = "compile" if i == 0 else f"compile-{key}"
         path = out / ("model.tar" if i == 0 else f"model-{key}.tar")
