@@ -2,7 +2,9 @@
 
     DIR/model.json   format, block keys, architecture string and space (if any), dataset info
                      (classes, input shape, mean/std), accuracy, policies (pruning/quantisation)
-    DIR/weights.pt   the PyTorch state dict of `codesign.modules.Network(blocks)` (BN unfolded)
+    DIR/weights.pt   the PyTorch state dict of `codesign.modules.Network(blocks)` (BN unfolded);
+                     for a quantised network (policies.quantization) that of its BN-folded
+                     fake-quant twin (see `codesign.compression.quant.saved`)
 
 The block list, not only the architecture string, defines the network: a pruned network has
 block shapes no architecture string of the space describes.
@@ -40,7 +42,21 @@ class ModelDir:
     policies: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def quantized(self) -> bool:
+        return bool(self.policies.get("quantization"))
+
     def network(self) -> Network:
+        """The module the weights load into: the float network, or a quantised network's
+        fake-quant twin."""
+        if self.quantized:
+            from codesign.compression.quant.policy import PolicyError
+            from codesign.compression.quant.saved import quantized_twin
+
+            try:
+                return quantized_twin(self)
+            except PolicyError as err:
+                raise ModelDirError(f"inconsistent quantised model: {err}") from None
         return Network(self.blocks)
 
     def to_dict(self) -> dict[str, Any]:
@@ -61,7 +77,8 @@ def save_model(path: str | Path, network: Network, meta: ModelDir) -> Path:
     """Write model.json and weights.pt into `path` (created if needed)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    if tuple(network.specs) != tuple(meta.blocks):
+    blocks = tuple(b.with_precision("fp32") for b in meta.blocks) if meta.quantized else meta.blocks
+    if tuple(network.specs) != tuple(blocks):
         raise ModelDirError("the network's blocks differ from the metadata's blocks")
     tmp = path / "weights.pt.tmp"
     torch.save(network.state_dict(), tmp)

@@ -232,6 +232,31 @@ def _input_info(meta: Any, input_shape: tuple[int, ...], name: str) -> dict[str,
     }
 
 
+def _lower_quantized(
+    qnet: Any, meta: Any, target: Target, input_shape: tuple[int, ...], label: str
+) -> Any:
+    """A quantised model directory's network, lowered with its integer blocks for `target`."""
+    from codesign.compression.quant.fakequant import export_params
+    from codesign.compression.quant.policy import PolicyError, QuantPolicy
+    from codesign.tvm_backend.precision import precision_menu
+    from codesign.tvm_backend.quantize import lower_quantized
+
+    if tuple(input_shape) != tuple(meta.blocks[0].input_shape):
+        raise ArtifactError(
+            f"{label}: the dataset's input {input_shape} differs from the first block's "
+            f"{meta.blocks[0].input_shape}; a quantised network is lowered at its block shapes"
+        )
+    menu = precision_menu(target)
+    try:
+        QuantPolicy.from_dict(meta.policies["quantization"]).check_menu(menu)
+    except PolicyError as err:
+        raise ArtifactError(
+            f"{label} was quantised for another target: {err}. Quantise the float model for "
+            f"{target.key} with `codesign quantize`"
+        ) from None
+    return lower_quantized(meta.blocks, export_params(qnet), menu, label=meta.arch or label)
+
+
 def compile_artifact(
     model_dir: str | Path,
     target: str | Target,
@@ -255,15 +280,13 @@ def compile_artifact(
     t_all = time.time()
     net, meta = load_model(model_dir)
     precisions = sorted({b.precision for b in meta.blocks})
-    if precisions != ["fp32"] or meta.policies.get("quantization"):
-        raise ArtifactError(
-            f"{model_dir} is quantized ({', '.join(precisions)}); compiling quantized networks "
-            "is not available yet: compile its float version"
-        )
     input_shape = (1, *meta.dataset.input_shape) if meta.dataset else net.input_shape
     _log(opts.progress, f"lowering {meta.arch or model_dir} at {input_shape} for {target.key}")
     t0 = time.time()
-    lowered = lower_module(net, input_shape, label=meta.arch or str(model_dir))
+    if meta.quantized:
+        lowered = _lower_quantized(net, meta, target, input_shape, str(model_dir))
+    else:
+        lowered = lower_module(net, input_shape, label=meta.arch or str(model_dir))
     fused = prepare(lowered.mod)
     seconds["lower"] = time.time() - t0
     database, tuning = _tuning(fused, target, out, opts)

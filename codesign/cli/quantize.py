@@ -79,5 +79,8 @@ def _quantize(args: argparse.Namespace) -> int:
         f"latency  {res['ms']:.4f} ms measured ({res['lut_ms']:.4f} ms LUT sum); "
         f"size {res['size_mb']:.4f} MiB; budget {res['search']['budget']:g} {unit}"
     )
-    print(f"wrote    {args.out}/model.so, policy.json, result.json")
+    art = res["artifact"]
+    if art["ms"] is not None:
+        print(f"artifact {art['path']}: {art['ms']:.4f} ms, {art['acc']:.2f}% (verified)")
+    print(f"wrote    {args.out}/model.tar, model/, policy.json, result.json")
     return 0

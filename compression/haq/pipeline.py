@@ -6,9 +6,12 @@ module, compiled, measured and checked against its PyTorch fake-quant reference.
                         is compiled with the same records)
     out/search.pt       the search checkpoint (re-running the same command resumes)
     out/policy.json     the chosen QuantPolicy
-    out/model.so        the compiled mixed-precision module (input: one image, float32 NCHW)
-    out/weights_qat.pt  the fine-tuned fake-quant network (state dict of `quantize_network`)
-    out/ranges.json     calibrated activation ranges (lo, hi) per quantisable layer
+    out/model/          the quantised network as a model directory (blocks with their
+                        precisions, the policy, activation ranges, the fine-tuned fake-quant
+                        weights): `codesign compile --model out/model` recompiles it
+    out/model.tar       the verified artifact (`codesign.artifact`): the compiled mixed-precision
+                        library checked against its PyTorch fake-quant twin, with accuracy and
+                        latency measured on the target; loads with the plain TVM runtime
     out/result.json     accuracy (fake-quant and compiled), measured latency, size, LUT cost
 """
 
@@ -245,12 +248,14 @@ def quantize_model(
     progress: bool = True,
 ) -> dict[str, Any]:
     """The `codesign quantize` command (see module docstring)."""
-    import torch
-
+    from codesign.artifact import CompileOptions, compile_artifact
+    from codesign.compression.quant.saved import save_quantized_model
     from codesign.data import load_dataset
     from codesign.model_dir import load_model
 
-    net, _meta = load_model(model_dir)
+    net, meta = load_model(model_dir)
+    if meta.quantized:
+        raise CodesignError(f"{model_dir} is already quantised; give the float model directory")
     data = load_dataset(dataset, tuple(net.input_shape[1:]), seed=cfg.seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -258,15 +263,40 @@ def quantize_model(
     policy, summary = run_haq(prep, cfg, out / "search.pt", progress=progress)
     (out / "policy.json").write_text(json.dumps(policy.to_dict(), indent=2) + "\n")
     res = evaluate_policy(prep, policy, cfg.final_qat, cfg.val_images, cfg.protocol)
-    qnet, built = res.pop("qnet"), res.pop("built")
-    built.export(out / "model.so")
-    torch.save(qnet.state_dict(), out / "weights_qat.pt")
-    (out / "ranges.json").write_text(json.dumps([[r.lo, r.hi] for r in prep.ranges]) + "\n")
+    qnet, _built = res.pop("qnet"), res.pop("built")
+    save_quantized_model(
+        out / "model",
+        qnet,
+        policy,
+        prep.ranges,
+        meta,
+        accuracy=res["acc"],
+        extra={"quantize": {"from": str(model_dir), "target": prep.target.key}},
+    )
+    report = compile_artifact(
+        out / "model",
+        prep.target,
+        out / "model.tar",
+        CompileOptions(
+            tuning_db=prep.db if cfg.trials > 0 else None,
+            protocol=cfg.protocol,
+            val_limit=cfg.val_images,
+            seed=cfg.seed,
+            progress=progress,
+        ),
+    )
+    manifest = report.artifact.manifest.data
     result = {
         "target": prep.target.key,
         "menu": prep.menu.to_dict(),
         "config": cfg.to_dict(),
         **res,
+        "artifact": {
+            "path": str(report.path),
+            "ms": manifest["latency"]["median_ms"] if manifest.get("latency") else None,
+            "acc": manifest["accuracy"]["top1"] if manifest.get("accuracy") else None,
+            "equality": manifest["equality"],
+        },
         "search": {k: v for k, v in summary.items() if k != "history"},
     }
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
