@@ -181,6 +181,10 @@ def prune_model(
     t0 = time.time()
     target = parse_target(job.target)
     net, meta = load_model(job.model)
+    if meta.quantized:
+        raise PruneError(
+            f"{job.model} is quantised; prune the float model first, then quantise the result"
+        )
     if job.budget_ms <= 0:
         raise PruneError(f"the latency budget must be positive, got {job.budget_ms} ms")
     data = load_data(meta, job.dataset, tuple(net.input_shape[1:]))
