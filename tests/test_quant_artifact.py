@@ -103,3 +103,14 @@ def test_quantized_model_for_another_target_is_refused(quantized_dir, tmp_path: 
     with pytest.raises(ArtifactError, match="quantised for another target.*codesign quantize"):
         compile_artifact(path, "arm", tmp_path / "a.tar", CompileOptions(progress=False))
     assert not (tmp_path / "a.tar").exists()
+
+
+def test_pruning_a_quantized_model_is_refused(quantized_dir, tmp_path: Path) -> None:
+    from codesign.compression.amc.env import AMCConfig
+    from codesign.compression.amc.pipeline import PruneError, PruneJob, prune_model
+    from codesign.train import TrainConfig
+
+    path, _ = quantized_dir
+    job = PruneJob(str(path), "x86", 1.0, "digits", str(tmp_path / "p"))
+    with pytest.raises(PruneError, match="is quantised; prune the float model first"):
+        prune_model(job, AMCConfig(episodes=1), TrainConfig(epochs=1), progress=False)
