@@ -254,7 +254,7 @@ def search_arch(
     tspace = task_space(space, data)
     log(
         f"{settings.strategy} search on {space.name} for {target.key}, target {latency_ms:g} ms "
-        f"({model.mode} LUT, {'fitted model' if model.residual else 'LUT sum'}), data "
+        f"({model.mode} LUT, {'fitted model' if model.training else 'LUT sum'}), data "
         f"{data.info.name} ({data.info.n_train} train / {data.info.n_val} val)",
         progress,
     )
@@ -300,7 +300,7 @@ def search_arch(
         "measurement": derived["measurement"],
         "target_met": derived["measured_ms"] <= latency_ms,
         "lut_mode": model.mode,
-        "latency_model": source if model.residual else "lut-only",
+        "latency_model": source if model.training else "lut-only",
         "seconds": {
             "search": round(found["seconds"], 2),
             "derive_and_measure": round(derived["seconds"], 2),

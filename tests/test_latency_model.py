@@ -83,7 +83,11 @@ def test_expected_is_differentiable_and_matches_lut_sum(measured, tiny, x86) -> 
 def test_fit_save_load_and_provenance_refusal(measured, tiny, x86, tmp_path: Path) -> None:
     db, archs = measured
     model, report = fit_latency_model(db, tiny, x86, test_fraction=0.3, seed=0)
-    assert report.n_train + report.n_test == 14 and report.form in ("diff", "logratio")
+    assert report.n_train + report.n_test == 14
+    # the residual form with the lowest cross-validated error wins, "none" (LUT sum) included
+    assert set(report.cv_rmspe) == {"diff", "logratio", "none"}
+    assert report.cv_rmspe[report.form] == min(report.cv_rmspe.values())
+    assert (model.residual is None) == (report.form == "none")
     assert set(report.test) == {"lut_only", "flops_linear", "lut_xgb"}
     for res in report.test.values():
         assert 0 <= res["within10"] <= res["within10"] <= 1 and res["rmspe"] >= 0

@@ -5,6 +5,8 @@ measured networks of (space, target, mode) from the LUT's `networks` table
   -> residual target chosen by 5-fold CV on the training split:
        diff      measured - LUT sum
        logratio  log(measured / LUT sum)
+       none      no residual: the LUT sum itself, kept when XGBoost does not beat it in CV
+                 (whole networks that are the sum of their blocks up to measurement noise)
   -> XGBoost on the network features (codesign.latency.features)
 baselines on the same split: lut_only (the LUT sum), flops_linear (least squares on MACs)
 """
@@ -112,10 +114,13 @@ def fit_latency_model(
             b = Booster.fit(x[i_tr], _residual_target(form, lut[i_tr], meas[i_tr]), seed)
             preds[va] = _apply(form, lut[i_va], b.predict(x[i_va]))
         cv[form] = metrics(preds, meas[train_idx])["rmspe"]
+    cv["none"] = metrics(lut[train_idx], meas[train_idx])["rmspe"]  # nothing is fitted
     form = min(cv, key=cv.get)
-    booster = Booster.fit(
-        x[train_idx], _residual_target(form, lut[train_idx], meas[train_idx]), seed
-    )
+    booster = None
+    if form != "none":
+        booster = Booster.fit(
+            x[train_idx], _residual_target(form, lut[train_idx], meas[train_idx]), seed
+        )
     calibration = linear_fit(lut[train_idx], meas[train_idx])
     macs = x[:, base.schema.names.index("macs_m")]
     flops_ab = linear_fit(macs[train_idx], meas[train_idx])
