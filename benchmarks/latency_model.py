@@ -6,8 +6,8 @@
 Builds (or resumes) the LUT, measures sampled whole networks with the same protocol, fits on a
 seeded split, and reports RMSPE, MAPE and the share within +-5% / +-10% on held-out networks.
 The noise floor is the spread of one network measured 5 times during the run.
-Writes benchmarks/results/latency_model.json (latency_model_quick.json with --quick) and the
-predicted-vs-measured scatter plot next to it.
+Writes benchmarks/results/latency_model.json (latency_model_quick.json with --quick,
+latency_model_untuned.json with --trials 0) and the predicted-vs-measured scatter plot next to it.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def main() -> int:
         seed=args.seed,
         trials=trials,
     )
-    name = "latency_model_quick" if args.quick else "latency_model"
+    name = "latency_model_quick" if args.quick else f"latency_model{'' if trials else '_untuned'}"
     model.save(Path("out/bench") / f"{name}.model.json")
     _, meas, preds = held_out(model, db)
     plot = scatter(
