@@ -2,7 +2,7 @@
 
 A target is named by a short spec string, `NAME[:opt=value,...]`:
 
-    x86                       this machine's CPU, mcpu detected by LLVM (e.g. znver2), all cores
+    x86                       this machine's CPU, mcpu detected (e.g. znver2), all cores
     x86:threads=1             ... measured with one runtime thread
     x86:mcpu=skylake-avx512   ... for a named CPU (override the detection)
     cuda                      a CUDA GPU; arch detected with nvidia-smi, else sm_80
@@ -104,14 +104,18 @@ def _canonical(d: dict[str, Any]) -> str:
 
 @functools.lru_cache(maxsize=1)
 def host_cpu() -> str:
-    """The host CPU name as LLVM knows it (e.g. 'znver2', 'sapphirerapids')."""
+    """The host CPU name as LLVM knows it (e.g. 'znver2', 'sapphirerapids'), checked against the
+    features /proc/cpuinfo reports (`codesign.host_cpu`: hypervisors can report a stand-in model)."""
     env = os.environ.get("CODESIGN_X86_MCPU")
     if env:
         return env
     from tvm.target import codegen
 
+    from codesign.host_cpu import CANDIDATES, best_cpu, host_features, vendor
+
     cpu = str(codegen.llvm_get_system_cpu())
-    return cpu if cpu and cpu != "generic" else "x86-64-v2"
+    cpu = cpu if cpu and cpu != "generic" else "x86-64-v2"
+    return best_cpu(cpu, host_features(), CANDIDATES[vendor(cpu)])
 
 
 def _cuda_arch() -> str:

@@ -29,10 +29,10 @@ def quantized_dir(trained_model_dir: Path, x86, tmp_path_factory) -> tuple[Path,
     ranges = calibrate(net, [data.calibration(64, 0)])
     n = len(net.specs)
     bits = [(7, 8)] * sum(1 for _ in _layers(net.specs))
-    policy = QuantPolicy.derive(
-        net.specs, bits, precision_menu(x86), [i % 2 == 0 for i in range(n)]
-    )
-    assert set(policy.precisions) == {"int8", "fp32"}
+    menu = precision_menu(x86)
+    policy = QuantPolicy.derive(net.specs, bits, menu, [i % 2 == 0 for i in range(n)])
+    # float blocks run in the narrowest float the CPU computes in (fp16 with avx512fp16)
+    assert set(policy.precisions) == {"int8", menu.float_precisions[0]}
     qnet = quantize_network(net, ranges, policy).eval()
     path = tmp_path_factory.mktemp("quant") / "model"
     save_quantized_model(path, qnet, policy, ranges, meta, accuracy=None)
@@ -45,12 +45,16 @@ def _layers(blocks):
     return quant_layers(blocks)
 
 
-def test_quantized_model_dir_reloads_the_same_twin(quantized_dir) -> None:
+def test_quantized_model_dir_reloads_the_same_twin(quantized_dir, x86) -> None:
     from codesign.model_dir import load_model
+    from codesign.tvm_backend.precision import precision_menu
 
     path, qnet = quantized_dir
     loaded, meta = load_model(path)
-    assert meta.quantized and {b.precision for b in meta.blocks} == {"int8", "fp32"}
+    assert meta.quantized and {b.precision for b in meta.blocks} == {
+        "int8",
+        precision_menu(x86).float_precisions[0],
+    }
     x = torch.randn(4, *meta.dataset.input_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(x), qnet(x))

@@ -45,3 +45,45 @@ def test_options_and_round_trip() -> None:
 def test_bad_targets_raise_clear_errors(spec: str, msg: str) -> None:
     with pytest.raises(TargetError, match=msg.replace("(", r"\(")):
         parse_target(spec)
+
+
+SPR_UNDER_KVM = (
+    "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel\t\t: 167\n"
+    "flags\t\t: fpu sse sse2 avx avx2 fma f16c avx512f avx512dq avx512bw avx512vl avx512_vnni "
+    "avx512_bf16 avx512ifma avx512vbmi avx_vnni amx_bf16 avx512_fp16 amx_tile amx_int8\n"
+)
+
+
+def test_host_cpu_follows_the_features_not_the_model_number() -> None:
+    """A KVM guest reporting Rocket Lake's model with Sapphire Rapids' features (this machine's
+    case) gets sapphirerapids: LLVM's feature tables decide, so fp16 and AMX are not lost."""
+    from codesign.host_cpu import CANDIDATES, best_cpu, cpu_features, host_features
+
+    host = host_features(SPR_UNDER_KVM)
+    assert {"avx512fp16", "amx-int8", "avx512vnni"} <= host
+    assert "avx512fp16" not in cpu_features("rocketlake")
+    assert best_cpu("rocketlake", host, CANDIDATES["intel"]) == "sapphirerapids"
+    # graniterapids adds amx-fp16, which this host lacks: never chosen
+    assert "amx-fp16" in cpu_features("graniterapids")
+
+
+def test_host_cpu_keeps_the_detected_name_or_steps_down() -> None:
+    from codesign.host_cpu import CANDIDATES, best_cpu, host_features
+
+    zen2 = host_features("flags\t: sse avx avx2 fma f16c\n")
+    assert best_cpu("znver2", zen2, CANDIDATES["amd"]) == "znver2"
+    # a hypervisor that hides AVX-512 from a Skylake-SP: the detected name would emit it
+    hidden = host_features("flags\t: sse avx avx2 fma f16c\n")
+    assert best_cpu("skylake-avx512", hidden, CANDIDATES["intel"]) in ("haswell", "broadwell")
+    assert best_cpu("znver2", None, CANDIDATES["amd"]) == "znver2"  # no /proc/cpuinfo
+    assert host_features("no flags here") is None
+
+
+def test_x86_target_on_this_host_has_every_feature_the_cpu_reports() -> None:
+    from codesign.host_cpu import cpu_features, host_features
+    from codesign.targets import host_cpu
+
+    host = host_features()
+    if host is None:
+        pytest.skip("no /proc/cpuinfo")
+    assert cpu_features(host_cpu()) <= host
