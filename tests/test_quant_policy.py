@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from codesign.blocks import BlockSpec
@@ -86,6 +88,15 @@ def test_derive_follows_the_menu():
         QuantPolicy.decode("int8:w8a8_int8:w7a8-w7a8-w7a8_int8:w7a8-w7a8").check_menu(AVX2)
     with pytest.raises(PolicyError, match="not on the precision menu"):
         QuantPolicy.decode("fp16:w16a16_int8:w7a8-w7a8-w7a8_int8:w7a8-w7a8").check_menu(AVX2)
+    # fp16 on the menu: float blocks whose bits fit 16 run in fp16, unless the mask says fp32
+    spr = dataclasses.replace(VNNI, precisions=("fp32", "fp16", "int8"))
+    assert QuantPolicy.uniform(BLOCKS, 16, 16, spr).precisions == ("fp16",) * 3
+    masked = QuantPolicy.derive(BLOCKS, [(16, 16)] * 6, spr, None, [True, False, True])
+    assert masked.encode() == "fp16:w16a16_fp32:w32a32-w32a32-w32a32_fp16:w16a16-w16a16"
+    low = QuantPolicy.derive(BLOCKS, [(4, 16)] * 6, spr, [False] * 3, [False, True, True])
+    assert low.encode() == "fp32:w4a32_fp16:w4a16-w4a16-w4a16_fp16:w4a16-w4a16"
+    with pytest.raises(PolicyError, match="fp16 mask of 2"):
+        QuantPolicy.derive(BLOCKS, [(16, 16)] * 6, spr, None, [True, False])
 
 
 def test_size_is_exact():

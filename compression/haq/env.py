@@ -140,6 +140,8 @@ class HAQEnv:
         self._actions: list[float] = []
         self.float_policy = QuantPolicy.uniform(self.blocks, 32, 32, menu)
         self.int8_blocks = self._faster_blocks()
+        self.cheapest = self._cheapest()
+        self.fp16_blocks = tuple(self._fastest_float(b) == "fp16" for b in self.blocks)
         self._useful = self._useful_blocks()
         low = self.min_cost_policy()
         if self.cost(low) > config.budget:
@@ -164,26 +166,40 @@ class HAQEnv:
             return policy.size_mb(self.blocks)
         return float(self.latency(policy.apply(self.blocks)))
 
+    def _fastest_float(self, b: BlockSpec) -> str:
+        """The float precision a block runs fastest in on the menu (fp16 only if measured faster)."""
+        floats = self.menu.float_precisions  # narrowest first
+        return min(floats, key=lambda p: (self.latency([b.with_precision(p)]), -floats.index(p)))
+
     def _faster_blocks(self) -> tuple[bool, ...]:
-        """Per block: does the LUT say int8 runs it faster than fp32? (Only then is a block
-        executed in int8; otherwise its sub-8-bit weights are stored low and run in float.)"""
+        """Per block: does the LUT say int8 runs it faster than any float on the menu? (Only then
+        is a block executed in int8; otherwise its sub-8-bit weights are stored low and it runs
+        in float: fp16 where the menu has it, as `QuantPolicy.derive` does for bits <= 16.)"""
         if not self.menu.has_int8:
             return (False,) * len(self.blocks)
         return tuple(
-            self.latency([b.with_precision("int8")]) < self.latency([b.with_precision("fp32")])
+            self.latency([b.with_precision("int8")])
+            < min(self.latency([b.with_precision(p)]) for p in self.menu.float_precisions)
             for b in self.blocks
+        )
+
+    def _cheapest(self) -> tuple[str, ...]:
+        """Per block: the precision with the lowest LUT latency that lowering bits can reach."""
+        return tuple(
+            "int8" if fast else self._fastest_float(b)
+            for b, fast in zip(self.blocks, self.int8_blocks, strict=True)
         )
 
     def _useful_blocks(self) -> tuple[bool, ...]:
         """Per block: can lowering its bits lower the cost?"""
         if self.config.budget_kind == "size":
             return (True,) * len(self.blocks)
-        return self.int8_blocks
+        return tuple(p != "fp32" for p in self.cheapest)
 
     def derive(self, bits: Sequence[Sequence[int]]) -> QuantPolicy:
-        """What the target executes for raw per-layer bits (int8 only where it is faster)."""
+        """What the target executes for raw per-layer bits (int8 and fp16 only where faster)."""
         return QuantPolicy.derive(
-            self.blocks, [tuple(b) for b in bits], self.menu, self.int8_blocks
+            self.blocks, [tuple(b) for b in bits], self.menu, self.int8_blocks, self.fp16_blocks
         )
 
     def min_cost_policy(self) -> QuantPolicy:
@@ -233,8 +249,8 @@ class HAQEnv:
             for ly in reversed(self.layers):
                 if not self._useful[ly.block]:
                     continue
-                if not size and policy.precisions[ly.block] == "int8":
-                    continue  # already integer: fewer bits would not be faster
+                if not size and policy.precisions[ly.block] == self.cheapest[ly.block]:
+                    continue  # already at its fastest precision: fewer bits would not help
                 w, a = cur[ly.index]
                 cur[ly.index] = [self._lower(w), a if size else self._lower(a)]
                 changed |= cur[ly.index] != [w, a]

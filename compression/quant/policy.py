@@ -150,17 +150,21 @@ class QuantPolicy:
         bits: Sequence[tuple[int, int]],
         menu: PrecisionMenu,
         int8: Sequence[bool] | None = None,
+        fp16: Sequence[bool] | None = None,
     ) -> QuantPolicy:
         """The policy the target executes for raw per-layer (w, a) bits (see module docstring).
 
         `int8` (per block) limits int8 execution to the blocks where it is wanted, e.g. where
         the LUT says int8 is faster than float; the others run in float with their weight bits.
+        `fp16` (per block) likewise limits fp16 execution (e.g. to where it is measured faster
+        than fp32); elsewhere a block whose bits fit 16 runs in fp32.
         """
         counts = layers_per_block(blocks)
         if len(bits) != sum(counts):
             raise PolicyError(f"{len(bits)} layer bits for a network of {sum(counts)} layers")
-        if int8 is not None and len(int8) != len(counts):
-            raise PolicyError(f"int8 mask of {len(int8)} for {len(counts)} blocks")
+        for name, mask in (("int8", int8), ("fp16", fp16)):
+            if mask is not None and len(mask) != len(counts):
+                raise PolicyError(f"{name} mask of {len(mask)} for {len(counts)} blocks")
         precisions, out, i = [], [], 0
         for bi, n in enumerate(counts):
             raw = [tuple(int(v) for v in b) for b in bits[i : i + n]]
@@ -170,7 +174,8 @@ class QuantPolicy:
                 precisions.append("int8")
                 out.append(tuple(LayerBits(w, a) for w, a in raw))
                 continue
-            fp = "fp16" if "fp16" in menu.precisions and all(max(b) <= 16 for b in raw) else "fp32"
+            half = "fp16" in menu.precisions and (fp16 is None or fp16[bi])
+            fp = "fp16" if half and all(max(b) <= 16 for b in raw) else "fp32"
             f = FLOAT_BITS[fp]
             precisions.append(fp)
             out.append(tuple(LayerBits(w if w <= 8 else f, f) for w, _ in raw))
