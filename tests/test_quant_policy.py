@@ -20,7 +20,7 @@ AVX2 = PrecisionMenu(
     "x86-test", ("fp32", "int8"), "avx2-pmaddubsw", "codesign_dot_8x4_avx2", 8, 4, 15
 )
 VNNI = PrecisionMenu(
-    "x86-vnni", ("fp32", "fp16", "int8"), "avx512-vnni", "dot_16x4_vnni", 16, 4, 16
+    "x86-vnni", ("fp32", "fp16", "int8"), "avx512-vnni", "codesign_dot_16x4_vnni", 16, 4, 16
 )
 
 
@@ -118,7 +118,7 @@ def test_menu_of_this_cpu_and_of_named_cpus():
     avx512 = precision_menu(parse_target("x86:mcpu=skylake-avx512"))
     assert avx512.int8_kernel == "avx512-pmaddubsw" and avx512.int8_bits_sum == 15
     vnni = precision_menu(parse_target("x86:mcpu=cascadelake"))
-    assert vnni.int8_intrin == "dot_16x4_vnni" and vnni.int8_exact(8, 8)
+    assert vnni.int8_intrin == "codesign_dot_16x4_vnni" and vnni.int8_exact(8, 8)
     zen2 = precision_menu(parse_target("x86:mcpu=znver2"))
     assert zen2.precisions == ("fp32", "int8") and zen2.int8_lanes == 8
     assert not zen2.int8_exact(8, 8) and zen2.int8_exact(7, 8)

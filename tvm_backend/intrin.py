@@ -6,6 +6,12 @@ AVX2 CPUs (e.g. AMD Zen 2) codesign registers `codesign_dot_8x4_avx2`:
     C[i] += sum_k int32(A[k]) * int32(B[i, k])      i < 8 (int32 lanes), k < 4; A u8, B s8
     = vpmaddwd(vpmaddubsw(broadcast(A as i32), B), 1)   (256-bit: 32 products per call)
 
+and for AVX-512 VNNI CPUs `codesign_dot_16x4_vnni` (the same with 16 lanes, one `vpdpbusd`).
+TVM's own `dot_16x4_vnni` cannot be used with the wheel's LLVM 22: LLVM declares
+`llvm.x86.avx512.vpdpbusd.512` on `<64 x i8>` operands now, TVM still passes `<16 x i32>`, the
+module fails LLVM's verifier ("Call parameter type does not match function signature") and so
+every tensorized candidate failed to build (seen here: int8 blocks 17x slower than fp32).
+
 `vpmaddubsw` saturates each pair sum to int16, so it is exact only for w_bits + a_bits <= 15
 (the precision menu enforces this). Convolutions reach the intrinsic in NHWC with weights
 packed as [O/lanes, KH, KW, I/4, lanes, 4] (see `codesign.tvm_backend.quantize`), so every
@@ -20,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 AVX2_DOT_8X4 = "codesign_dot_8x4_avx2"
+VNNI_DOT_16X4 = "codesign_dot_16x4_vnni"
 INT8_BLOCK = "qconv"  # name of the TE compute of tensorizable int8 convolutions
 
 _REGISTERED = False
@@ -71,6 +78,41 @@ def _define() -> None:
             )
 
     TensorIntrin.register(AVX2_DOT_8X4, desc, impl, override=True)
+
+    @T.prim_func(s_tir=True)
+    def desc16(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((16, 4), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def vnni16(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((16, 4), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], dtype="int32x16"),
+                T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64"),
+                B.vload([0, 0], dtype="int8x64"),
+                dtype="int32x16",
+            )
+
+    TensorIntrin.register(VNNI_DOT_16X4, desc16, vnni16, override=True)
 
 
 def register_intrinsics() -> None:

@@ -3,7 +3,7 @@
 Derived from the CPU features LLVM reports for the target's mcpu/mattr (not from the host's
 name), so the menu follows the target, not the machine codesign runs on:
 
-    x86 + avx512vnni   int8 on `vpdpbusd` (TVM's dot_16x4_vnni), exact for any 8x8 bits
+    x86 + avx512vnni   int8 on `vpdpbusd` (codesign's dot_16x4_vnni), exact for any 8x8 bits
     x86 + avx512bw     int8 on 512-bit `vpmaddubsw`+`vpmaddwd` (TVM's dot_16x4_avx512)
     x86 + avx2         int8 on 256-bit `vpmaddubsw`+`vpmaddwd` (codesign's dot_8x4_avx2)
     x86 + avx512fp16   fp16 (native half arithmetic); F16C alone only converts, so no fp16
@@ -94,7 +94,9 @@ def precision_menu(target: Target) -> PrecisionMenu:
     kernel = intrin = ""
     lanes = bits_sum = 0
     if "avx512vnni" in features:
-        kernel, intrin, lanes, bits_sum = "avx512-vnni", "dot_16x4_vnni", 16, 16
+        from codesign.tvm_backend.intrin import VNNI_DOT_16X4
+
+        kernel, intrin, lanes, bits_sum = "avx512-vnni", VNNI_DOT_16X4, 16, 16
     elif "avx512bw" in features:
         kernel, intrin, lanes, bits_sum = "avx512-pmaddubsw", "dot_16x4_avx512", 16, 15
     elif "avx2" in features:
