@@ -2,8 +2,9 @@
 TVM modules (accuracy of the compiled module on validation images, latency by TVM's evaluator).
 
     python benchmarks/haq.py --quick     # tiny net on digits, untuned LUT, 6 episodes/budget
-    python benchmarks/haq.py             # tiny net on mnist5k, tuned LUT (64 trials/task),
+    python benchmarks/haq.py             # tiny-w4 net on mnist5k, tuned LUT (64 trials/task),
                                          # 120 episodes/budget
+    python benchmarks/haq.py --trials 24 --episodes 40      # what benchmarks/results/haq.json ran
 
 Also reports int8 vs fp32 latency per block from the per-precision LUT. The budget kind follows
 the measurements: a latency budget when some block runs faster in int8 than in fp32 on this
@@ -35,7 +36,7 @@ from codesign.compression.quant.qat import QATConfig  # noqa: E402
 from codesign.measurement import MeasureProtocol  # noqa: E402
 
 
-def baseline(quick: bool, work: Path, model: str | None, dataset: str):
+def baseline(quick: bool, work: Path, model: str | None, dataset: str, space_name: str):
     from codesign.data import load_dataset
     from codesign.model_dir import ModelDir, load_model, save_model
     from codesign.modules import build_network
@@ -45,7 +46,7 @@ def baseline(quick: bool, work: Path, model: str | None, dataset: str):
     if model:
         net, _ = load_model(model)
         return net, load_dataset(dataset, tuple(net.input_shape[1:]))
-    space = get_space("tiny")
+    space = get_space(space_name)
     arch = space.uniform("k3e6")
     data = load_dataset(dataset, space.input_shape)
     path = work / "baseline"
@@ -64,6 +65,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--model", default=None, help="model directory (default: tiny k3e6 baseline)")
+    ap.add_argument(
+        "--space",
+        default=None,
+        help="space of the uniform k3e6 baseline (default: tiny with --quick, else tiny-w4: 4x "
+        "the widths, where precision pays off; tiny's blocks run in 10-30 us, overhead-bound)",
+    )
+    ap.add_argument("--name", default=None, help="result file name (default haq / haq_quick)")
     ap.add_argument("--dataset", default=None)
     ap.add_argument("--episodes", type=int, default=None)
     ap.add_argument("--trials", type=int, default=None)
@@ -77,12 +85,14 @@ def main() -> int:
     dataset = args.dataset or ("digits" if quick else "mnist5k")
     episodes = args.episodes or (6 if quick else 120)
     trials = args.trials if args.trials is not None else (0 if quick else 64)
-    work = Path(args.work or RESULTS.parents[1] / "out" / ("haq_quick" if quick else "haq"))
+    space_name = args.space or ("tiny" if quick else "tiny-w4")
+    default_work = "haq_quick" if quick else f"haq_{args.model and 'model' or space_name}"
+    work = Path(args.work or RESULTS.parents[1] / "out" / default_work)
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     info = machine()
 
-    net, data = baseline(quick, work, args.model, dataset)
+    net, data = baseline(quick, work, args.model, dataset, space_name)
     protocol = MeasureProtocol.quick() if quick else MeasureProtocol()
     val = 300 if quick else 1000
     cfg = QuantizeConfig(
@@ -154,6 +164,7 @@ def main() -> int:
         "target": prep.target.key,
         "menu": prep.menu.to_dict(),
         "dataset": dataset,
+        "space": None if args.model else space_name,
         "network": [b.key for b in blocks],
         "episodes": episodes,
         "trials_per_task": trials,
@@ -177,7 +188,7 @@ def main() -> int:
         "int8": i8,
         "seconds": round(time.time() - t_start, 1),
     }
-    write_result("haq_quick" if quick else "haq", result)
+    write_result(args.name or ("haq_quick" if quick else "haq"), result)
     return 0
 
 
