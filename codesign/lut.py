@@ -57,6 +57,12 @@ CREATE TABLE IF NOT EXISTS tuning_records (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tuning_records_by_target ON tuning_records (target, shash);
+CREATE TABLE IF NOT EXISTS tuning_budgets (
+    target TEXT NOT NULL,
+    shash TEXT NOT NULL,
+    trials INTEGER NOT NULL,
+    PRIMARY KEY (target, shash)
+);
 CREATE TABLE IF NOT EXISTS networks (
     target TEXT NOT NULL,
     arch TEXT NOT NULL,

@@ -169,7 +169,7 @@ def build_lut(
             report.seconds["lower"] = time.time() - t0
             database = open_tuning_database(db, target.key)
             t0 = time.time()
-            todo = sum(1 for t in taskset.tasks if database.valid_count(t.mod) < trials)
+            todo = sum(1 for t in taskset.tasks if database.needs_tuning(t.mod, trials))
             with _progress(
                 todo * trials, f"tune {todo}/{taskset.unique} tasks", progress, unit="trial"
             ) as bar:

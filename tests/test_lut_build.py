@@ -87,6 +87,30 @@ def test_tuned_build_shares_tasks_and_stores_records(lut_path: Path, tiny, x86, 
     assert (more.tuned_tasks, more.measured, more.reused) == (1, 1, 2)
 
 
+def test_finished_tasks_are_not_tuned_again_for_their_failed_candidates(
+    tmp_path: Path, tiny, x86, quick
+) -> None:
+    """A candidate that fails to build leaves no record, so a finished task can hold fewer valid
+    records than its budget; the finished run is recorded and a re-run does not tune it again."""
+    import sqlite3
+
+    db = tmp_path / "lut.sqlite"
+    blocks = [tiny.layers()[3].block("k3e3")]
+    first = build_lut(tiny, x86, db, trials=2, protocol=quick, blocks=blocks, progress=False)
+    assert first.tuned_tasks > 0
+    with sqlite3.connect(db) as con:  # one valid record per task left, as if one had failed
+        con.execute(
+            "DELETE FROM tuning_records WHERE id NOT IN "
+            "(SELECT min(id) FROM tuning_records GROUP BY target, shash)"
+        )
+    again = build_lut(tiny, x86, db, trials=2, protocol=quick, blocks=blocks, progress=False)
+    assert again.tuned_tasks == 0
+    with sqlite3.connect(db) as con:  # without the record of the finished run: tuned again
+        con.execute("DELETE FROM tuning_budgets")
+    third = build_lut(tiny, x86, db, trials=2, protocol=quick, blocks=blocks, progress=False)
+    assert third.tuned_tasks > 0
+
+
 def test_killed_build_resumes_without_remeasuring(lut_path: Path, tmp_path: Path) -> None:
     cmd = [
         sys.executable,

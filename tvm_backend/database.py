@@ -41,9 +41,17 @@ def _make_class() -> type:
             self.con = connect(self.path)
             self.mem = ms.database.MemoryDatabase()
             self.workloads: dict[str, Any] = {}
+            self.budgets: dict[str, int] = {}
             self._load()
 
         def _load(self) -> None:
+            with transaction(self.con):  # added after schema 1's first files: create if absent
+                self.con.execute(_BUDGETS)
+            self.budgets = dict(
+                self.con.execute(
+                    "SELECT shash, trials FROM tuning_budgets WHERE target = ?", (self.target_key,)
+                ).fetchall()
+            )
             for shash, js in self.con.execute("SELECT shash, json FROM tuning_workloads"):
                 wl = self.mem.commit_workload(Workload.from_json(parse(js)).mod)
                 self.workloads[shash] = wl
@@ -110,6 +118,27 @@ def _make_class() -> type:
             wl = self.mem.commit_workload(task_mod)
             return len(self.mem.get_top_k(wl, 1 << 30))
 
+        def _shash(self, task_mod: Any) -> str:
+            return str(self.commit_workload(task_mod).as_json()[0])
+
+        def needs_tuning(self, task_mod: Any, trials: int) -> bool:
+            """Whether a task has neither `trials` valid records nor a finished tuning run of at
+            least `trials` (candidates that failed to build leave no record, so a finished task
+            can hold fewer valid records than its budget; it is not tuned again for that)."""
+            if trials <= 0 or self.valid_count(task_mod) >= trials:
+                return False
+            return self.budgets.get(self._shash(task_mod), 0) < trials
+
+        def mark_tuned(self, task_mods: list[Any], trials: int) -> None:
+            """Record that a tuning run of `trials` per task finished for these tasks."""
+            rows = []
+            for mod in task_mods:
+                shash = self._shash(mod)
+                self.budgets[shash] = max(trials, self.budgets.get(shash, 0))
+                rows.append((self.target_key, shash, self.budgets[shash]))
+            with transaction(self.con):
+                self.con.executemany("INSERT OR REPLACE INTO tuning_budgets VALUES (?, ?, ?)", rows)
+
         def digest(self, task_mods: list[Any]) -> str:
             """Digest of the best schedules of these tasks: changes when a better one arrives."""
             h = hashlib.sha256()
@@ -128,6 +157,10 @@ def _make_class() -> type:
 
 
 _CLASS: type | None = None
+_BUDGETS = (
+    "CREATE TABLE IF NOT EXISTS tuning_budgets (target TEXT NOT NULL, shash TEXT NOT NULL, "
+    "trials INTEGER NOT NULL, PRIMARY KEY (target, shash))"
+)
 
 
 def open_tuning_database(path: str | Path, target_key: str) -> Any:

@@ -177,11 +177,12 @@ def tune(
     work_dir: str | None = None,
     on_trials: Callable[[int], None] | None = None,
 ) -> TuneReport:
-    """Tune every task that has fewer than `trials_per_task` valid records in `database`."""
+    """Tune every task that has fewer than `trials_per_task` valid records in `database` and no
+    finished run of that budget (`needs_tuning`)."""
     from tvm.s_tir import meta_schedule as ms
 
     start = time.time()
-    todo = [t for t in taskset.tasks if database.valid_count(t.mod) < trials_per_task]
+    todo = [t for t in taskset.tasks if database.needs_tuning(t.mod, trials_per_task)]
     if not todo or trials_per_task <= 0:
         return TuneReport(taskset.unique, 0, 0, 0, time.time() - start)
     if target.name == "cuda":
@@ -225,6 +226,7 @@ def tune(
             f"tuning {len(todo)} task(s) for {target.key} produced no valid record; "
             "every candidate failed to build or run (see MetaSchedule logs with CODESIGN_DEBUG=1)"
         )
+    database.mark_tuned([t.mod for t in todo], trials_per_task)
     return TuneReport(
         taskset.unique, len(todo), trials_per_task * len(todo), after - before, time.time() - start
     )

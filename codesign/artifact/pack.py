@@ -122,7 +122,7 @@ def _tuning(
         if opts.tune_trials:
             from tqdm import tqdm
 
-            todo = sum(1 for t in taskset.tasks if database.valid_count(t.mod) < opts.tune_trials)
+            todo = sum(1 for t in taskset.tasks if database.needs_tuning(t.mod, opts.tune_trials))
             with tqdm(
                 total=todo * opts.tune_trials,
                 desc=f"tune {todo}/{taskset.unique} tasks",

@@ -157,7 +157,7 @@ def tune_on_farm(
     from tvm.s_tir import meta_schedule as ms
 
     start = time.time()
-    todo = [t for t in taskset.tasks if database.valid_count(t.mod) < trials_per_task]
+    todo = [t for t in taskset.tasks if database.needs_tuning(t.mod, trials_per_task)]
     if not todo or trials_per_task <= 0:
         return TuneReport(taskset.unique, 0, 0, 0, time.time() - start)
     farm.refuse_tuning()
@@ -226,6 +226,8 @@ def tune_on_farm(
             f"tuning {len(todo)} task(s) on {farm.key}@{farm.tracker} produced no valid record "
             f"({why}); check `codesign farm status` and the servers' logs"
         )
+    if not stop.is_set():
+        database.mark_tuned([t.mod for t in todo], trials_per_task)
     return TuneReport(
         taskset.unique, len(todo), trials_per_task * len(todo), after - before, time.time() - start
     )

@@ -85,11 +85,22 @@ def precision_lut(
 
 
 def compile_policy(
-    qnet: Any, policy: QuantPolicy, menu: PrecisionMenu, target: Target, db: str | Path | None
+    qnet: Any,
+    policy: QuantPolicy,
+    menu: PrecisionMenu,
+    target: Target,
+    db: str | Path | None,
+    *,
+    trials: int = 0,
+    seed: int = 0,
 ) -> Any:
-    """The compiled TVM module of a fake-quant network at `policy` (records from `db`)."""
+    """The compiled TVM module of a fake-quant network at `policy` (records from `db`).
+
+    With `trials`, tasks the LUT's records lack are tuned first with that budget: where blocks
+    of different precisions meet, FuseOps can merge one block's output conversion with the
+    next block's input conversion into a task no single block has."""
     from codesign.compression.quant.fakequant import export_params
-    from codesign.tvm_backend.build import compile_module
+    from codesign.tvm_backend.build import compile_module, prepare
     from codesign.tvm_backend.quantize import lower_quantized
 
     database = None
@@ -99,7 +110,13 @@ def compile_policy(
         database = open_tuning_database(db, target.key)
     blocks = policy.apply(qnet.specs)
     low = lower_quantized(blocks, export_params(qnet), menu, label=policy.encode()[:60])
-    return compile_module(low, target, database)
+    fused = prepare(low.mod)
+    if database is not None and trials > 0:
+        from codesign.tvm_backend.tuning import extract_tasks, tune
+
+        tune(extract_tasks({"policy": fused}, target), target, database, trials_per_task=trials,
+             seed=seed)  # fmt: skip
+    return compile_module(low, target, database, fused=fused)
 
 
 def compiled_accuracy(built: Any, data: Any, limit: int) -> tuple[float, float]:
@@ -159,6 +176,8 @@ class Prepared:
     menu: PrecisionMenu
     db: Path
     latency: Callable[[Sequence[BlockSpec]], float]
+    trials: int = 0  # the LUT's budget, also for tasks only whole networks have
+    seed: int = 0
 
 
 def prepare(
@@ -180,7 +199,7 @@ def prepare(
         net.specs, target, db, menu, trials=cfg.trials, protocol=cfg.protocol, seed=cfg.seed,
         progress=progress,
     )  # fmt: skip
-    return Prepared(net, data, ranges, target, menu, Path(db), latency)
+    return Prepared(net, data, ranges, target, menu, Path(db), latency, cfg.trials, cfg.seed)
 
 
 def evaluate_policy(
@@ -195,7 +214,9 @@ def evaluate_policy(
     if any(lb.w <= 8 or lb.a <= 8 for lb in policy.layers):
         finetune(qnet, prep.data, qat)
     qnet.eval()
-    built = compile_policy(qnet, policy, prep.menu, prep.target, prep.db)
+    built = compile_policy(
+        qnet, policy, prep.menu, prep.target, prep.db, trials=prep.trials, seed=prep.seed
+    )
     acc_tvm, n = compiled_accuracy(built, prep.data, val_images)
     return {
         "policy": policy.encode(),
@@ -278,6 +299,7 @@ def quantize_model(
         prep.target,
         out / "model.tar",
         CompileOptions(
+            tune_trials=cfg.trials,
             tuning_db=prep.db if cfg.trials > 0 else None,
             protocol=cfg.protocol,
             val_limit=cfg.val_images,
