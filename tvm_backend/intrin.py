@@ -36,20 +36,23 @@ def _define() -> None:
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
-    @T.prim_func(s_tir=True)
-    def desc(
-        A: T.Buffer((4,), "uint8", offset_factor=1),
-        B: T.Buffer((8, 4), "int8", offset_factor=1),
-        C: T.Buffer((8,), "int32", offset_factor=1),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-            T.writes(C[0:8])
-            for i in T.serial(0, 8):
-                for k in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+    def desc_of(lanes: int):  # C[i] += sum_k int32(A[k]) * int32(B[i, k]), i < lanes, k < 4
+        @T.prim_func(s_tir=True)
+        def desc(
+            A: T.Buffer((4,), "uint8", offset_factor=1),
+            B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+            C: T.Buffer((lanes,), "int32", offset_factor=1),
+        ) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+                T.writes(C[0:lanes])
+                for i in T.serial(0, lanes):
+                    for k in T.serial(0, 4):
+                        with T.sblock("update"):
+                            vi, vk = T.axis.remap("SR", [i, k])
+                            C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+        return desc
 
     @T.prim_func(s_tir=True)
     def impl(
@@ -77,22 +80,7 @@ def _define() -> None:
                 dtype="int32x8",
             )
 
-    TensorIntrin.register(AVX2_DOT_8X4, desc, impl, override=True)
-
-    @T.prim_func(s_tir=True)
-    def desc16(
-        A: T.Buffer((4,), "uint8", offset_factor=1),
-        B: T.Buffer((16, 4), "int8", offset_factor=1),
-        C: T.Buffer((16,), "int32", offset_factor=1),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            for i in T.serial(0, 16):
-                for k in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+    TensorIntrin.register(AVX2_DOT_8X4, desc_of(8), impl, override=True)
 
     @T.prim_func(s_tir=True)
     def vnni16(
@@ -112,7 +100,7 @@ def _define() -> None:
                 dtype="int32x16",
             )
 
-    TensorIntrin.register(VNNI_DOT_16X4, desc16, vnni16, override=True)
+    TensorIntrin.register(VNNI_DOT_16X4, desc_of(16), vnni16, override=True)
 
 
 def register_intrinsics() -> None:
