@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from codesign.errors import BuildError
 from codesign.pipeline import STAGES
 from codesign.pipeline.config import ConfigError, PipelineConfig, from_dict, load_config, to_toml
 from codesign.pipeline.stages import StageRunner
@@ -89,6 +90,16 @@ def test_stages_skip_resume_and_invalidate(tmp_path: Path) -> None:
         return {"resumed_from": (work / "checkpoint").read_text()}
 
     assert r.run("b", {"x": 1}, resumed) == {"resumed_from": "epoch 3"}
+
+    # an interrupt that a library turned into another error still stops the run as one
+    def swallowed(work: Path) -> dict:
+        r.stop_requested = True  # what the signal handler sets
+        raise BuildError("TVM could not compile net for x86: ")
+
+    with pytest.raises(KeyboardInterrupt):
+        r.run("c", {"x": 1}, swallowed)
+    assert not r.record("c").completed
+    r.stop_requested = False
 
     # changed inputs: the work directory is cleared and the stage runs again
     def fresh(work: Path) -> dict:

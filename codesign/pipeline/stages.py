@@ -102,7 +102,12 @@ class StageRunner:
         work.mkdir(parents=True, exist_ok=True)
         self._write(StageRecord(name, digest, inputs, {}, False, 0.0))
         t0 = time.time()
-        outputs = fn(work)
+        try:
+            outputs = fn(work)
+        except Exception:
+            if self.stop_requested:  # the interrupt surfaced as another error (TVM turns a
+                raise KeyboardInterrupt from None  # KeyboardInterrupt in compilation into its own)
+            raise
         seconds = time.time() - t0
         self._write(
             StageRecord(
