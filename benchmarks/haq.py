@@ -87,7 +87,7 @@ def main() -> int:
     episodes = args.episodes or (6 if quick else 120)
     trials = args.trials if args.trials is not None else (0 if quick else 64)
     space_name = args.space or ("tiny" if quick else "tiny-w4")
-    default_work = "haq_quick" if quick else f"haq_{args.model and 'model' or space_name}"
+    default_work = "haq_quick" if quick else f"haq_{'model' if args.model else space_name}"
     work = Path(args.work or RESULTS.parents[1] / "out" / default_work)
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()

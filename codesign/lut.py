@@ -31,6 +31,13 @@ SCHEMA_VERSION = 1
 MODES = ("untuned", "tuned")
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
+# Finished tuning runs per task (added within schema 1: the tuning database creates it in older
+# files when it opens them).
+TUNING_BUDGETS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS tuning_budgets (target TEXT NOT NULL, shash TEXT NOT NULL, "
+    "trials INTEGER NOT NULL, PRIMARY KEY (target, shash))"
+)
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS entries (
@@ -57,12 +64,6 @@ CREATE TABLE IF NOT EXISTS tuning_records (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tuning_records_by_target ON tuning_records (target, shash);
-CREATE TABLE IF NOT EXISTS tuning_budgets (
-    target TEXT NOT NULL,
-    shash TEXT NOT NULL,
-    trials INTEGER NOT NULL,
-    PRIMARY KEY (target, shash)
-);
 CREATE TABLE IF NOT EXISTS networks (
     target TEXT NOT NULL,
     arch TEXT NOT NULL,
@@ -78,6 +79,7 @@ CREATE TABLE IF NOT EXISTS networks (
     PRIMARY KEY (target, arch, mode)
 );
 """
+_SCHEMA += TUNING_BUDGETS_TABLE + ";\n"
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from codesign.lut import connect, transaction
+from codesign.lut import TUNING_BUDGETS_TABLE, connect, transaction
 
 
 def _make_class() -> type:
@@ -45,8 +45,8 @@ def _make_class() -> type:
             self._load()
 
         def _load(self) -> None:
-            with transaction(self.con):  # added after schema 1's first files: create if absent
-                self.con.execute(_BUDGETS)
+            with transaction(self.con):  # absent from LUT files written before it was added
+                self.con.execute(TUNING_BUDGETS_TABLE)
             self.budgets = dict(
                 self.con.execute(
                     "SELECT shash, trials FROM tuning_budgets WHERE target = ?", (self.target_key,)
@@ -157,10 +157,6 @@ def _make_class() -> type:
 
 
 _CLASS: type | None = None
-_BUDGETS = (
-    "CREATE TABLE IF NOT EXISTS tuning_budgets (target TEXT NOT NULL, shash TEXT NOT NULL, "
-    "trials INTEGER NOT NULL, PRIMARY KEY (target, shash))"
-)
 
 
 def open_tuning_database(path: str | Path, target_key: str) -> Any:

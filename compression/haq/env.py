@@ -139,9 +139,13 @@ class HAQEnv:
         self.accuracy_cache: dict[str, float] = {}
         self._actions: list[float] = []
         self.float_policy = QuantPolicy.uniform(self.blocks, 32, 32, menu)
+        self.fastest_float = tuple(self._fastest_float(b) for b in self.blocks)
+        self.fp16_blocks = tuple(p == "fp16" for p in self.fastest_float)
         self.int8_blocks = self._faster_blocks()
-        self.cheapest = self._cheapest()
-        self.fp16_blocks = tuple(self._fastest_float(b) == "fp16" for b in self.blocks)
+        self.cheapest = tuple(
+            "int8" if fast else fp
+            for fast, fp in zip(self.int8_blocks, self.fastest_float, strict=True)
+        )  # per block: the precision with the lowest LUT latency that lowering bits can reach
         self._useful = self._useful_blocks()
         low = self.min_cost_policy()
         if self.cost(low) > config.budget:
@@ -178,16 +182,8 @@ class HAQEnv:
         if not self.menu.has_int8:
             return (False,) * len(self.blocks)
         return tuple(
-            self.latency([b.with_precision("int8")])
-            < min(self.latency([b.with_precision(p)]) for p in self.menu.float_precisions)
-            for b in self.blocks
-        )
-
-    def _cheapest(self) -> tuple[str, ...]:
-        """Per block: the precision with the lowest LUT latency that lowering bits can reach."""
-        return tuple(
-            "int8" if fast else self._fastest_float(b)
-            for b, fast in zip(self.blocks, self.int8_blocks, strict=True)
+            self.latency([b.with_precision("int8")]) < self.latency([b.with_precision(fp)])
+            for b, fp in zip(self.blocks, self.fastest_float, strict=True)
         )
 
     def _useful_blocks(self) -> tuple[bool, ...]:
