@@ -76,3 +76,37 @@ def test_cuda_compiles_without_a_gpu() -> None:
     built = compile_module(lower_block(BlockSpec.mb(3, 6, 16, 16, 1, 14)), cuda)
     src = built.executable.mod.imports[0].imports[0].inspect_source("cuda")
     assert "__global__" in src
+
+
+def test_tuned_kernels_read_prepacked_weights_in_both_weight_forms(tmp_path, x86) -> None:
+    """Tuned x86 convolutions rewrite their weight layout; the rewrite runs once at compile
+    time (not in every call), and embedded and runtime-input weights share the same tasks."""
+    import tvm_ffi
+
+    from codesign.tvm_backend.build import apply_database, prepack_weights, prepare
+    from codesign.tvm_backend.database import open_tuning_database
+    from codesign.tvm_backend.tuning import extract_tasks, tune
+
+    spec = BlockSpec.mb(3, 6, 16, 16, 1, 14)
+    module = randomize_bn(init_weights(build_block(spec), seed=3), seed=4).eval()
+    x = np.random.default_rng(0).standard_normal(spec.input_shape).astype("float32")
+    with torch.no_grad():
+        ref = module(torch.from_numpy(x)).numpy()
+    db = open_tuning_database(tmp_path / "lut.sqlite", x86.key)
+    lows = [lower_module(module, spec.input_shape, params_as_input=p) for p in (False, True)]
+    fused = [prepare(low.mod) for low in lows]
+    tasks = [extract_tasks({"b": f}, x86) for f in fused]
+    hashes = [sorted(tvm_ffi.structural_hash(t.mod) for t in ts.tasks) for ts in tasks]
+    assert hashes[0] == hashes[1]
+    tune(tasks[0], x86, db, trials_per_task=4)
+    assert not any(db.needs_tuning(t.mod, 4) for t in tasks[1].tasks)
+
+    packed, _ = prepack_weights(apply_database(fused[0], x86, db), [])
+    names = [gv.name_hint for gv in packed.functions]
+    assert any(n.endswith("_prepacked") for n in names)
+    assert not any(n.endswith("_weight_prepack") for n in names)  # folded into constants
+    for low in lows:
+        built = compile_module(low, x86, db)
+        if low.params:  # runtime weights arrive already in the kernels' layout
+            assert [p.shape for p in built.params] != [p.shape for p in low.params]
+        np.testing.assert_allclose(_run(built, x), ref, rtol=1e-4, atol=1e-4)

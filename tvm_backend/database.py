@@ -22,13 +22,32 @@ def _make_class() -> type:
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.database import PyDatabase, TuningRecord, Workload
+    from tvm.tirx import FloatImm, IndexMap, IntImm
 
     # TVM's own JSON codec (what JSONDatabase uses): records hold FFI values Python's json cannot.
     stringify = tvm.get_global_func("ffi.json.Stringify")
     parse = tvm.get_global_func("ffi.json.Parse")
+    record_as_json = tvm.get_global_func("s_tir.meta_schedule.TuningRecordAsJSON")
 
     def dumps(obj: Any) -> str:
         return str(stringify(obj, None))
+
+    def plain(obj: Any) -> Any:
+        """A record's FFI JSON as plain values. Traces of layout-rewriting schedules (weight
+        pre-packing) hold IndexMap objects; the trace reader takes those as their TVM JSON
+        graph in a string (what MetaSchedule's JSONDatabase writes), not as objects."""
+        if isinstance(obj, IndexMap):
+            return tvm.ir.save_json(obj)
+        if isinstance(obj, tvm.ir.Array):
+            return [plain(o) for o in obj]
+        if isinstance(obj, tvm.ir.Map):
+            return {plain(k): plain(v) for k, v in obj.items()}
+        if isinstance(obj, IntImm | FloatImm):
+            return obj.value
+        return obj
+
+    def record_json(record: Any) -> str:
+        return dumps(plain(record_as_json(record)))
 
     @derived_object
     class SQLiteDatabase(PyDatabase):
@@ -91,7 +110,7 @@ def _make_class() -> type:
                 self.con.execute(
                     "INSERT INTO tuning_records (target, shash, run_ms, json, created) "
                     "VALUES (?, ?, ?, ?, ?)",
-                    (self.target_key, shash, run_ms, dumps(record.as_json()), time.time()),
+                    (self.target_key, shash, run_ms, record_json(record), time.time()),
                 )
 
         def get_top_k(self, workload: Any, top_k: int) -> list[Any]:
@@ -147,7 +166,7 @@ def _make_class() -> type:
                 if rec is None:
                     h.update(b"none;")
                 else:
-                    h.update(dumps(rec.as_json()).encode())  # trace, run times, target, args
+                    h.update(record_json(rec).encode())  # trace, run times, target, args
             return h.hexdigest()[:16]
 
         def close(self) -> None:

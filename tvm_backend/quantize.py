@@ -289,7 +289,13 @@ def lower_quantized(
         raise
     except Exception as err:
         raise BuildError(f"could not lower {label or 'quantised network'}: {err}") from err
-    return Lowered(bb.get(), blocks[0].input_shape, "float32", list(em.arrays), label)
+    mod, params_in = bb.get(), list(em.arrays)
+    if params_as_input:  # as torch's importer marks it: weights follow the one data input
+        from codesign.tvm_backend.lower import weights_as_kernel_inputs
+
+        mod["main"] = mod["main"].with_attr("num_input", 1)
+        mod, params_in = weights_as_kernel_inputs(mod, params_in)
+    return Lowered(mod, blocks[0].input_shape, "float32", params_in, label)
 
 
 def random_params(spec: BlockSpec, seed: int = 0) -> list[LayerParams]:
