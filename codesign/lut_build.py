@@ -119,7 +119,7 @@ def build_lut(
     """
     from codesign.tvm_backend.build import compile_module, prepare
     from codesign.tvm_backend.lower import lower_block
-    from codesign.tvm_backend.runner import LocalRunner
+    from codesign.tvm_backend.runner import LocalRunner, run_steady
 
     if space is None and blocks is None:
         raise ValueError("build_lut needs a search space or an explicit list of blocks")
@@ -235,7 +235,7 @@ def build_lut(
                     b, seed=seed, params_as_input=protocol.cache_flush, target=target
                 )
                 built = compile_module(low, target, database, fused=fused.get(b.key))
-                m = runner.run(built, protocol)
+                m = run_steady(runner, built, protocol)
                 table.put(target.key, b, mode, m, prov, tuning_digest=digest)
                 if m.ok:
                     report.measured += 1

@@ -55,6 +55,15 @@ class Measurement:
     def ok(self) -> bool:
         return self.error is None
 
+    @property
+    def cv(self) -> float:
+        """Coefficient of variation of the samples (std / mean); nan when failed."""
+        return self.std_ms / self.mean_ms if self.ok and self.mean_ms > 0 else float("nan")
+
+    def steady(self, max_cv: float) -> bool:
+        """Whether the samples agree within `max_cv` (a load spike mid-run spreads them)."""
+        return self.ok and self.cv <= max_cv
+
     @classmethod
     def from_samples(cls, samples_s: list[float] | tuple[float, ...]) -> Measurement:
         ms = tuple(float(s) * 1e3 for s in samples_s)

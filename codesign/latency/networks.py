@@ -35,6 +35,34 @@ class NetworkReport:
     seconds: float = 0.0
 
 
+def prepare_network(
+    net: Network,
+    target: Target,
+    *,
+    label: str = "network",
+    database: Any = None,
+    trials: int = 0,
+    seed: int = 0,
+) -> tuple[Any, Any, str]:
+    """Lower and fuse a whole network, tune the tasks `database` lacks (`trials` each) and
+    return (lowered, fused, tuning digest): everything a measurement's provenance needs,
+    without the (slow) final compile."""
+    from codesign.tvm_backend.build import prepare
+    from codesign.tvm_backend.lower import lower_module
+
+    low = lower_module(net, net.input_shape, label=label)
+    fused = prepare(low.mod)
+    digest = ""
+    if database is not None:
+        from codesign.tvm_backend.tuning import extract_tasks, tune
+
+        taskset = extract_tasks({label: fused}, target)
+        if trials > 0:
+            tune(taskset, target, database, trials_per_task=trials, seed=seed)
+        digest = database.digest(taskset.mods_of(label))
+    return low, fused, digest
+
+
 def compile_network(
     net: Network,
     target: Target,
@@ -50,19 +78,11 @@ def compile_network(
     block shapes no architecture string describes, such as a pruned one). With a tuning
     `database`, its records are applied; tasks they lack are tuned first with `trials` each.
     """
-    from codesign.tvm_backend.build import compile_module, prepare
-    from codesign.tvm_backend.lower import lower_module
+    from codesign.tvm_backend.build import compile_module
 
-    low = lower_module(net, net.input_shape, label=label)
-    fused = prepare(low.mod)
-    digest = ""
-    if database is not None:
-        from codesign.tvm_backend.tuning import extract_tasks, tune
-
-        taskset = extract_tasks({label: fused}, target)
-        if trials > 0:
-            tune(taskset, target, database, trials_per_task=trials, seed=seed)
-        digest = database.digest(taskset.mods_of(label))
+    low, fused, digest = prepare_network(
+        net, target, label=label, database=database, trials=trials, seed=seed
+    )
     return compile_module(low, target, database, fused=fused), digest
 
 
@@ -79,11 +99,13 @@ def measure_networks(
     runner: Any = None,
     progress: bool = True,
 ) -> NetworkReport:
-    """Measure `archs` whole; valid rows (same provenance) are reused, not re-measured."""
+    """Measure `archs` whole; valid rows (same provenance, steady samples) are reused, not
+    re-measured. A run whose samples spread (another process took the CPU) is repeated."""
     from tqdm import tqdm
 
     from codesign.modules import build_network
-    from codesign.tvm_backend.runner import LocalRunner
+    from codesign.tvm_backend.build import compile_module
+    from codesign.tvm_backend.runner import STEADY_CV, LocalRunner, run_steady
 
     space, target = get_space(space), parse_target(target)
     protocol = protocol or MeasureProtocol()
@@ -109,13 +131,15 @@ def measure_networks(
             space.validate(arch)
             key = arch.encode()
             old = table.get_network(target.key, key, mode)
-            if old is not None and old.ok and mode == "untuned":
+            if old is not None and not old.measurement.steady(STEADY_CV):
+                old = None  # failed, or measured under load: measure again
+            if old is not None and mode == "untuned":
                 prov = provenance_for(target, tuned=False, tuning_digest="", protocol=protocol)
                 if old.provenance.digest == prov.digest:
                     report.reused += 1
                     continue
             net = build_network(space, arch, seed=seed)
-            built, digest = compile_network(
+            low, fused, digest = prepare_network(
                 net, target, label=key, database=database, trials=trials, seed=seed
             )
             prov = provenance_for(
@@ -125,10 +149,11 @@ def measure_networks(
                 protocol=protocol,
                 emulated=bool(getattr(runner, "emulated", False)),
             )
-            if old is not None and old.ok and old.provenance.digest == prov.digest:
+            if old is not None and old.provenance.digest == prov.digest:
                 report.reused += 1
                 continue
-            m: Measurement = runner.run(built, protocol)
+            built = compile_module(low, target, database, fused=fused)
+            m: Measurement = run_steady(runner, built, protocol)
             table.put_network(target.key, key, mode, m, prov, tuning_digest=digest)
             if m.ok:
                 report.measured += 1
