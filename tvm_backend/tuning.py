@@ -232,6 +232,17 @@ def tune(
     )
 
 
+def tune_missing(
+    fused: Any, target: Target, database: Any, *, trials: int, seed: int = 0, label: str = "module"
+) -> str:
+    """Tune the tasks of one fused module that `database` lacks (`trials` each; none when 0)
+    and return the digest of the records that now apply to it (see `database.digest`)."""
+    taskset = extract_tasks({label: fused}, target)
+    if trials > 0:
+        tune(taskset, target, database, trials_per_task=trials, seed=seed)
+    return database.digest(taskset.mods_of(label))
+
+
 def _tune_contexts(
     todo: list[Task], target: Target, work_dir: str, strategy: Any, seed: int
 ) -> tuple[list[Any], list[float]]:

@@ -54,12 +54,9 @@ def prepare_network(
     fused = prepare(low.mod)
     digest = ""
     if database is not None:
-        from codesign.tvm_backend.tuning import extract_tasks, tune
+        from codesign.tvm_backend.tuning import tune_missing
 
-        taskset = extract_tasks({label: fused}, target)
-        if trials > 0:
-            tune(taskset, target, database, trials_per_task=trials, seed=seed)
-        digest = database.digest(taskset.mods_of(label))
+        digest = tune_missing(fused, target, database, trials=trials, seed=seed, label=label)
     return low, fused, digest
 
 

@@ -112,10 +112,9 @@ def compile_policy(
     low = lower_quantized(blocks, export_params(qnet), menu, label=policy.encode()[:60])
     fused = prepare(low.mod)
     if database is not None and trials > 0:
-        from codesign.tvm_backend.tuning import extract_tasks, tune
+        from codesign.tvm_backend.tuning import tune_missing
 
-        tune(extract_tasks({"policy": fused}, target), target, database, trials_per_task=trials,
-             seed=seed)  # fmt: skip
+        tune_missing(fused, target, database, trials=trials, seed=seed, label="policy")
     return compile_module(low, target, database, fused=fused)
 
 
