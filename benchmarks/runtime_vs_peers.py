@@ -2,10 +2,11 @@
 
     python benchmarks/runtime_vs_peers.py --quick                 # tiny-space net, 4 trials/task
     python benchmarks/runtime_vs_peers.py [--model DIR]           # MobileNetV2-style 1x3x224x224
-                                                                  # (+ a searched net), 32 trials/task
+                                    # (+ a searched net), 32 trials/task + focus trials (2048 for
+                                    # the 224 net, 256 for a searched one) where the time goes
 
-For each network: compile the artifact tuned (`codesign compile --tune-trials N`, records kept in
-`--db`, so an interrupted run resumes) and untuned, then time in interleaved rounds, all with
+For each network: compile the artifact tuned (`codesign compile --tune-trials N --focus-trials M`,
+records kept in `--db`, so an interrupted run resumes) and untuned, then time in interleaved rounds, all with
 the same thread count: TVM tuned artifact, TVM untuned artifact (loaded as users load them, timed
 with TVM's time_evaluator), PyTorch eager (torch.set_num_threads), and ONNX Runtime
 (torch.onnx.export(dynamo=False), CPUExecutionProvider, intra_op_num_threads = threads).
@@ -144,7 +145,7 @@ def peak_rss(code: str, *args: str, env: dict[str, str] | None = None) -> dict[s
 
 
 def bench_model(
-    model_dir: Path, label: str, args: argparse.Namespace, workdir: Path, db: Path
+    model_dir: Path, label: str, args: argparse.Namespace, workdir: Path, db: Path, focus: int
 ) -> dict[str, Any]:
     import numpy as np
     import torch
@@ -157,16 +158,22 @@ def bench_model(
     proto = MeasureProtocol(repeat=args.repeat, min_repeat_ms=args.min_repeat_ms)
     common = dict(protocol=proto, val_limit=0, check_inputs=2, progress=not args.no_progress)
     slug = re.sub(r"[^\w.-]+", "-", label).strip("-")
-    print(f"[{label}] compiling tuned ({args.trials} trials/task) and untuned artifacts")
+    print(f"[{label}] compiling tuned ({args.trials} trials/task + {focus}) and untuned artifacts")
     tuned = compile_artifact(
         model_dir,
         target,
         workdir / f"{slug}-tuned.tar",
-        CompileOptions(tune_trials=args.trials, tuning_db=db, **common),
+        CompileOptions(tune_trials=args.trials, focus_trials=focus, tuning_db=db, **common),
     )
     untuned = compile_artifact(
         model_dir, target, workdir / f"{slug}-untuned.tar", CompileOptions(**common)
     )
+    # Every engine gets the same cores: a thread started while the caller is pinned inherits the
+    # pin (TVM's thread-pool setup pinned it to one core before codesign kept the mask; ORT and
+    # PyTorch then ran on one core, 4x slower).
+    mask = os.sched_getaffinity(0)
+    if len(mask) < threads:
+        raise SystemExit(f"this process may use cores {sorted(mask)}: fewer than {threads} threads")
     net, meta = load_model(model_dir)
     shape = tuned.artifact.manifest.input.shape
     x = torch.from_numpy(np.random.default_rng(0).standard_normal(shape).astype("float32"))
@@ -188,6 +195,8 @@ def bench_model(
             rows["ort"].append(
                 ort_ms(sess, x.numpy(), repeat=args.repeat, min_repeat_ms=args.min_repeat_ms)
             )
+            if os.sched_getaffinity(0) != mask:
+                raise SystemExit(f"the CPU mask changed to {os.sched_getaffinity(0)} mid-run")
             print(
                 f"[{label}] round {r + 1}: "
                 + ", ".join(f"{k} {v[-1]:.3f}" for k, v in rows.items())
@@ -200,6 +209,7 @@ def bench_model(
         "arch": meta.arch,
         "input_shape": list(shape),
         "threads": threads,
+        "cpu_affinity": sorted(mask),
         "tvm_tuned_ms": round(med["tvm_tuned"], 4),
         "tvm_untuned_ms": round(med["tvm_untuned"], 4),
         "torch_ms": round(med["torch"], 4),
@@ -207,8 +217,9 @@ def bench_model(
         "ratio_ort_over_tvm": round(med["ort"] / med["tvm_tuned"], 3),
         "ratio_torch_over_tvm": round(med["torch"] / med["tvm_tuned"], 3),
         "ratio_untuned_over_tuned": round(med["tvm_untuned"] / med["tvm_tuned"], 3),
-        "tuning_trials": tun["trials_per_task"] * tun.get("unique_tasks", 0),
+        "tuning_trials": tun.get("trials_done"),
         "tuning_trials_per_task": tun["trials_per_task"],
+        "tuning_focus_trials": focus,
         "tuning_unique_tasks": tun.get("unique_tasks"),
         "tuning_tasks_tuned_this_run": tun.get("tuned_tasks"),
         "tuning_seconds": tun["seconds"],
@@ -239,6 +250,13 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="tiny-space net, 4 trials per task")
     ap.add_argument("--model", action="append", default=[], help="also a searched model DIR")
     ap.add_argument("--trials", type=int, default=None, help="trials per unique task")
+    ap.add_argument(
+        "--focus-trials",
+        type=int,
+        default=None,
+        help="extra trials where the MobileNetV2-style net spends its time (default 2048; quick 0)",
+    )
+    ap.add_argument("--model-focus-trials", type=int, default=256, help="the same for each --model")
     ap.add_argument("--target", default="x86", help="an x86 target spec (threads=N)")
     ap.add_argument("--db", default=None, help="tuning LUT file (default: fresh temporary)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
@@ -247,6 +265,8 @@ def main() -> int:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
     args.trials = args.trials or (4 if args.quick else 32)
+    if args.focus_trials is None:
+        args.focus_trials = 0 if args.quick else 2048
     args.rounds = args.rounds or (2 if args.quick else 3)
     args.min_repeat_ms = args.min_repeat_ms or (20 if args.quick else 100)
     if parse_target(args.target).name != "x86":
@@ -258,9 +278,10 @@ def main() -> int:
     t0 = time.time()
     first = mobilenet_v2_style(workdir, args.quick)
     label = "tiny-k3e6 (quick)" if args.quick else "mobilenetv2-style (proxyless k3e6)"
-    entries = [bench_model(first, label, args, workdir, db)]
+    entries = [bench_model(first, label, args, workdir, db, args.focus_trials)]
     for i, d in enumerate(args.model):
-        entries.append(bench_model(Path(d), f"searched-{i}:{Path(d).name}", args, workdir, db))
+        name = f"searched-{i}:{Path(d).name}"
+        entries.append(bench_model(Path(d), name, args, workdir, db, args.model_focus_trials))
     result = {
         **entries[0],
         "others": entries[1:],

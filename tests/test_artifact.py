@@ -295,6 +295,18 @@ def test_wrong_input_is_refused(x, message: str, x86_artifact: Path) -> None:
         predict(x)
 
 
+def test_loading_and_running_keep_the_callers_cpu_mask(x86_artifact: Path) -> None:
+    """TVM's thread-pool setup pins its caller to one core; the threads PyTorch or ONNX Runtime
+    start afterwards would inherit that core. Loading, running and timing leave the mask alone."""
+    import os
+
+    before = os.sched_getaffinity(0)
+    with codesign.load(x86_artifact) as predict:
+        predict(np.zeros((1, 1, 28, 28), np.float32))
+        predict.time()
+        assert os.sched_getaffinity(0) == before
+
+
 def test_cli_run_npy_image_and_bad_input(
     x86_artifact: Path, trained_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -442,11 +454,12 @@ def test_compile_applies_the_lut_tuning_records(
 def test_cli_compile_tunes_the_network(trained_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "tuned.tar.gz"
     args = ["compile", "--model", str(trained_model_dir), "--target", "x86", "--out", str(out)]
-    args += ["--tune-trials", "2", "--val-limit", "30", "--repeat", "3", "--no-progress"]
-    res = cli(*args, "--json", timeout=1800)
+    args += ["--tune-trials", "2", "--focus-trials", "64", "--val-limit", "30", "--repeat", "3"]
+    res = cli(*args, "--no-progress", "--json", timeout=1800)
     assert res.returncode == 0, res.stderr
     tuning = json.loads(res.stdout)["tuning"]
     assert tuning["mode"] == "tuned" and tuning["trials_per_task"] == 2
+    assert tuning["focus_trials"] == 64 and tuning["trials_done"] >= 2 * tuning["unique_tasks"]
     assert tuning["tasks_with_records"] == tuning["unique_tasks"] and tuning["seconds"] > 0
     assert (tmp_path / "tuned.tar.gz.tuning.sqlite").exists()
     assert verify_artifact(out).manifest.data["tuning"] == tuning

@@ -52,6 +52,10 @@ def test_spaces_lists_registered_spaces() -> None:
             "unknown search space",
         ),
         (["lut", "show", "--db", "does-not-exist.sqlite"], "does not exist"),
+        (
+            ["compile", "--model", "X", "--target", "x86", "--out", "X", "--focus-trials", "-1"],
+            "--focus-trials",
+        ),
     ],
 )
 def test_bad_input_gives_clear_error(args: list[str], msg: str, tmp_path: Path) -> None:

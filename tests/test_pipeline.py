@@ -41,6 +41,7 @@ def test_default_config_round_trips_through_toml(tmp_path: Path) -> None:
         ({"target": {"targets": ["x87"]}}, "x87"),
         ({"task": {"space": "nope"}}, "nope"),
         ({"latency": {"networks": 3}}, "at least 8"),
+        ({"compile": {"focus_trials": -1}}, r"compile\.focus_trials must be >= 0"),
     ],
 )
 def test_bad_config_is_a_clear_error(data: dict, match: str) -> None:

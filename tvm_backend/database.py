@@ -137,7 +137,26 @@ def _make_class() -> type:
             wl = self.mem.commit_workload(task_mod)
             return len(self.mem.get_top_k(wl, 1 << 30))
 
-        def _shash(self, task_mod: Any) -> str:
+        def trials_done(self, task_mod: Any) -> int:
+            """Trials this task has had: its largest finished budget, or its valid records when
+            an unfinished run left more."""
+            return max(self.budgets.get(self.task_hash(task_mod), 0), self.valid_count(task_mod))
+
+        def run_finished(self, key: str) -> bool:
+            """Whether a tuning run named `key` (see `mark_run_finished`) has finished."""
+            return f"run:{key}" in self.budgets
+
+        def mark_run_finished(self, key: str, trials: int) -> None:
+            """Record that the tuning run named `key` (e.g. one focus split) finished."""
+            self.budgets[f"run:{key}"] = trials
+            with transaction(self.con):
+                self.con.execute(
+                    "INSERT OR REPLACE INTO tuning_budgets VALUES (?, ?, ?)",
+                    (self.target_key, f"run:{key}", trials),
+                )
+
+        def task_hash(self, task_mod: Any) -> str:
+            """The task's workload hash, as the `tuning_*` tables key it."""
             return str(self.commit_workload(task_mod).as_json()[0])
 
         def needs_tuning(self, task_mod: Any, trials: int) -> bool:
@@ -146,13 +165,13 @@ def _make_class() -> type:
             can hold fewer valid records than its budget; it is not tuned again for that)."""
             if trials <= 0 or self.valid_count(task_mod) >= trials:
                 return False
-            return self.budgets.get(self._shash(task_mod), 0) < trials
+            return self.budgets.get(self.task_hash(task_mod), 0) < trials
 
         def mark_tuned(self, task_mods: list[Any], trials: int) -> None:
             """Record that a tuning run of `trials` per task finished for these tasks."""
             rows = []
             for mod in task_mods:
-                shash = self._shash(mod)
+                shash = self.task_hash(mod)
                 self.budgets[shash] = max(trials, self.budgets.get(shash, 0))
                 rows.append((self.target_key, shash, self.budgets[shash]))
             with transaction(self.con):

@@ -88,10 +88,13 @@ def run_steady(
 
 
 def set_threads(threads: int) -> None:
-    """Resize the TVM runtime thread pool of this process."""
+    """Resize the TVM runtime thread pool of this process, keeping the calling thread's CPU mask:
+    `config_threadpool` pins the caller to one core, and every thread it starts later (ONNX
+    Runtime's and PyTorch's pools among them) would inherit that single core."""
     import tvm
 
-    tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
+    with affinity_kept():
+        tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
 
 
 class LocalRunner(Runner):

@@ -3,6 +3,7 @@
     load DIR (model.json + weights.pt)
     lower (torch.export -> Relax, BN folded, weights bound as constants)
     [tune the network's tasks into a LUT file's tuning database]  --tune-trials N
+    [then more trials on the tasks that dominate its time]         --focus-trials M
     apply the LUT file's tuning records                           --tuning-db PATH
     compile_module (the one compile recipe) and export the library (cross-compiled for ARM)
     on the target (local, or an RPC session for remote targets):
@@ -38,6 +39,7 @@ from codesign.artifact.checks import (
 )
 from codesign.artifact.executor import Executor, LocalExecutor
 from codesign.artifact.manifest import FORMAT, LIBRARY, WEIGHTS_NOTE, expected_machine
+from codesign.artifact.tuning import tune_for_artifact
 from codesign.artifact.verify import Artifact, verify_artifact
 from codesign.errors import ArtifactError
 from codesign.measurement import MeasureProtocol
@@ -49,6 +51,8 @@ class CompileOptions:
     """How `compile_artifact` tunes, checks and measures.
 
     tune_trials: MetaSchedule trials per unique task of the network (0: no tuning);
+    focus_trials: extra trials, split over the tasks in proportion to their estimated share
+        of the network's time (`tvm_backend.tuning.tune_focused`);
     tuning_db: the LUT file whose records are applied (and tuned into with tune_trials; by
         default `<out>.tuning.sqlite` when tuning);
     check_inputs: validation inputs for the equality check;
@@ -60,6 +64,7 @@ class CompileOptions:
     """
 
     tune_trials: int = 0
+    focus_trials: int = 0
     tuning_db: Path | None = None
     protocol: MeasureProtocol = MeasureProtocol()
     check_inputs: int = 8
@@ -90,86 +95,6 @@ def _npy(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a, allow_pickle=False)
     return buf.getvalue()
-
-
-def _tuning(
-    fused: Any, target: Target, out: Path, opts: CompileOptions
-) -> tuple[Any, dict[str, Any]]:
-    """Open (and tune into) the LUT file's tuning database; the manifest's tuning section."""
-    info: dict[str, Any] = {
-        "mode": "untuned",
-        "database": None,
-        "database_digest": None,
-        "target_key": target.key,
-        "trials_per_task": opts.tune_trials,
-        "seconds": 0.0,
-    }
-    if not opts.tune_trials and opts.tuning_db is None:
-        return None, info
-    from codesign.tvm_backend.database import open_tuning_database
-    from codesign.tvm_backend.tuning import extract_tasks, tune
-
-    db_path = Path(opts.tuning_db) if opts.tuning_db else out.with_name(out.name + ".tuning.sqlite")
-    if not opts.tune_trials and not db_path.exists():
-        raise ArtifactError(
-            f"tuning database {db_path} does not exist; give the LUT file built with "
-            "`codesign lut build --trials N`, or tune now with --tune-trials N"
-        )
-    database = open_tuning_database(db_path, target.key)
-    try:
-        taskset = extract_tasks({"network": fused}, target)
-        t0 = time.time()
-        if opts.tune_trials:
-            from tqdm import tqdm
-
-            todo = sum(1 for t in taskset.tasks if database.needs_tuning(t.mod, opts.tune_trials))
-            with tqdm(
-                total=todo * opts.tune_trials,
-                desc=f"tune {todo}/{taskset.unique} tasks",
-                unit="trial",
-                disable=not opts.progress,
-                file=sys.stderr,
-            ) as bar:
-                report = tune(
-                    taskset,
-                    target,
-                    database,
-                    trials_per_task=opts.tune_trials,
-                    seed=opts.seed,
-                    on_trials=bar.update,
-                )
-            info.update(tuned_tasks=report.tuned_tasks, new_records=report.valid_records)
-        mods = taskset.mods_of("network")
-        covered = sum(database.best_record(m) is not None for m in mods)
-        if covered == 0:
-            keys = _record_targets(db_path)
-            raise ArtifactError(
-                f"no tuning record in {db_path} matches this network's {len(mods)} tasks for target "
-                f"{target.key} (the file has records for: {', '.join(keys) or 'no target'}). Use the "
-                "same target spec (threads, mcpu) the LUT was built with, or tune with --tune-trials N"
-            )
-        info.update(
-            mode="tuned",
-            database=db_path.name,
-            database_digest=database.digest(mods),
-            unique_tasks=taskset.unique,
-            tasks_with_records=covered,
-            seconds=round(time.time() - t0, 3),
-        )
-    except BaseException:
-        database.close()
-        raise
-    return database, info
-
-
-def _record_targets(db_path: Path) -> list[str]:
-    from codesign.lut import connect
-
-    con = connect(db_path, readonly=True)
-    try:
-        return [r[0] for r in con.execute("SELECT DISTINCT target FROM tuning_records")]
-    finally:
-        con.close()
 
 
 def _executor(
@@ -274,8 +199,8 @@ def compile_artifact(
 
     opts = options or CompileOptions()
     target, out = parse_target(target), Path(out)
-    if opts.tune_trials < 0 or opts.check_inputs < 1:
-        raise ArtifactError("--tune-trials must be >= 0 and --check-inputs >= 1")
+    if min(opts.tune_trials, opts.focus_trials) < 0 or opts.check_inputs < 1:
+        raise ArtifactError("--tune-trials and --focus-trials must be >= 0, --check-inputs >= 1")
     seconds: dict[str, float] = {}
     t_all = time.time()
     net, meta = load_model(model_dir)
@@ -289,7 +214,7 @@ def compile_artifact(
         lowered = lower_module(net, input_shape, label=meta.arch or str(model_dir))
     fused = prepare(lowered.mod)
     seconds["lower"] = time.time() - t0
-    database, tuning = _tuning(fused, target, out, opts)
+    database, tuning = tune_for_artifact(fused, target, out, opts)
     t0 = time.time()
     try:
         built = compile_module(lowered, target, database, fused=fused)

@@ -29,6 +29,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "records go to --tuning-db, else OUT.tuning.sqlite (re-running resumes)",
     )
     p.add_argument(
+        "--focus-trials",
+        type=int,
+        default=0,
+        help="extra trials after --tune-trials, split over the tasks in proportion to their "
+        "estimated share of the network's time (the few kernels that dominate it)",
+    )
+    p.add_argument(
         "--tuning-db",
         default=None,
         help="LUT file whose tuning records are applied: the artifact uses exactly the "
@@ -141,12 +148,13 @@ def _compile(args: argparse.Namespace) -> int:
     from codesign.errors import ArtifactError
     from codesign.measurement import MeasureProtocol
 
-    if args.tune_trials < 0 or args.repeat < 1 or args.min_repeat_ms < 0:
+    if min(args.tune_trials, args.focus_trials, args.min_repeat_ms) < 0 or args.repeat < 1:
         raise ArtifactError(
-            "--tune-trials, --repeat and --min-repeat-ms must be >= 0 (repeat >= 1)"
+            "--tune-trials, --focus-trials, --repeat and --min-repeat-ms must be >= 0 (repeat >= 1)"
         )
     opts = CompileOptions(
         tune_trials=args.tune_trials,
+        focus_trials=args.focus_trials,
         tuning_db=Path(args.tuning_db) if args.tuning_db else None,
         protocol=MeasureProtocol(repeat=args.repeat, min_repeat_ms=args.min_repeat_ms),
         check_inputs=args.check_inputs,

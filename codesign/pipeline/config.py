@@ -6,7 +6,7 @@
     [latency]   how many whole networks to measure for the latency model
     [search]    strategy, supernet epochs, retrain epochs
     [compress]  none | amc | haq, episodes
-    [compile]   tuning trials for the final network (default: the LUT's budget)
+    [compile]   tuning trials for the final network (default: the LUT's budget), focus trials
 
 The embedded default (no file) is the tiny space on mnist5k for this machine's x86 CPU, sized to
 finish in about 10 minutes on 2 cores (15 at most).
@@ -76,6 +76,7 @@ class CompressConfig:
 @dataclass(frozen=True, slots=True)
 class CompileConfig:
     trials: int | None = None  # None: the LUT's trials
+    focus_trials: int = 0  # extra trials where the final network spends its time
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +129,7 @@ class PipelineConfig:
             ("lut.trials", self.lut.trials),
             ("latency.networks", self.latency.networks),
             ("search.epochs", self.search.epochs),
+            ("compile.focus_trials", self.compile.focus_trials),
         ):
             if value < 0:
                 raise ConfigError(f"{name} must be >= 0")

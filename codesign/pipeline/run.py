@@ -278,7 +278,9 @@ def stage_compile(
         path,
         CompileOptions(
             tune_trials=trials,
-            tuning_db=db if trials > 0 else None,  # untuned LUT: TVM's default schedules
+            focus_trials=cfg.compile.focus_trials,
+            # untuned LUT and no focus: TVM's default schedules
+            tuning_db=db if trials > 0 or cfg.compile.focus_trials > 0 else None,
             protocol=_protocol(cfg),
             seed=cfg.task.seed,
             progress=progress,

@@ -1,0 +1,59 @@
+"""Tuning budgets: focus trials go where a module spends its time, and a re-run resumes."""
+
+from __future__ import annotations
+
+import pytest
+
+from codesign.blocks import BlockSpec
+from codesign.modules import build_block, init_weights, randomize_bn
+from codesign.tvm_backend.build import prepare
+from codesign.tvm_backend.lower import lower_module
+
+
+@pytest.fixture
+def block_tasks(tmp_path, x86):
+    from codesign.tvm_backend.database import open_tuning_database
+    from codesign.tvm_backend.tuning import extract_tasks
+
+    spec = BlockSpec.mb(3, 6, 16, 16, 1, 14)  # expand, depthwise, project(+residual)
+    module = randomize_bn(init_weights(build_block(spec), seed=3), seed=4).eval()
+    fused = prepare(lower_module(module, spec.input_shape).mod)
+    db = open_tuning_database(tmp_path / "lut.sqlite", x86.key)
+    yield extract_tasks({"b": fused}, x86), db
+    db.close()
+
+
+def _cost_ms(db, task, calls: int) -> float:
+    secs = [float(s) for s in db.best_record(task.mod).run_secs]
+    return calls * 1e3 * sum(secs) / len(secs)
+
+
+def test_focus_trials_follow_the_estimated_time_and_resume(block_tasks, x86) -> None:
+    from codesign.tvm_backend.tuning import TaskSet, focus_budgets, tune, tune_focused
+
+    ts, db = block_tasks
+    assert ts.unique == 3 and ts.calls_of("b") == [1, 1, 1]
+    tune(ts, x86, db, trials_per_task=2)
+    pairs = zip(ts.per_module["b"], ts.calls_of("b"), strict=True)
+    cost = {i: _cost_ms(db, ts.tasks[i], c) for i, c in pairs}
+    plan = focus_budgets(ts, db, "b", 12, base=2, quantum=2)
+    assert [i for i, _ in plan] == sorted(cost, key=lambda i: -cost[i])[: len(plan)]
+    shares = [b - 2 for _, b in plan]
+    assert shares == sorted(shares, reverse=True) and all(s % 2 == 0 and s >= 2 for s in shares)
+    assert abs(sum(shares) - 12) <= 2 * len(cost)
+    top = max(cost, key=cost.get)
+    assert shares[0] >= round(12 * cost[top] / sum(cost.values()) / 2) * 2
+
+    report = tune_focused(ts, x86, db, "b", extra=12, base=2, quantum=2)
+    assert report.tuned_tasks == len(plan) and report.valid_records > 0
+    for i, budget in plan:
+        assert db.trials_done(ts.tasks[i].mod) >= budget
+    # A single task always gets the whole focus budget: a second run has nothing left to do.
+    one = TaskSet([ts.tasks[top]], {"b": [0]}, 1, {"b": [1]})
+    first = tune_focused(one, x86, db, "b", extra=4, base=db.trials_done(ts.tasks[top].mod))
+    assert first.trials == 0  # a share below one quantum (32) is no focus at all
+    done = db.trials_done(ts.tasks[top].mod)
+    again = [tune_focused(one, x86, db, "b", extra=4, base=done, quantum=2) for _ in range(2)]
+    assert again[0].tuned_tasks == 1 and again[0].trials == 4
+    assert again[1].tuned_tasks == 0 and again[1].trials == 0
+    assert db.trials_done(ts.tasks[top].mod) == done + 4
