@@ -289,8 +289,8 @@ def tune_focused(
     key = hashlib.sha256(
         repr(([database.task_hash(m) for m in mods], extra, base, quantum)).encode()
     ).hexdigest()[:16]
-    if database.run_finished(f"focus:{key}"):
-        return TuneReport(taskset.unique, 0, 0, 0, 0.0)
+    if database.run_finished(f"focus:{key}") or all(database.best_record(m) is None for m in mods):
+        return TuneReport(taskset.unique, 0, 0, 0, 0.0)  # done, or nothing to estimate from yet
     for i, budget in focus_budgets(taskset, database, label, extra, base=base, quantum=quantum):
         mod = taskset.tasks[i].mod
         if not database.needs_tuning(mod, budget):
