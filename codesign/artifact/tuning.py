@@ -32,8 +32,6 @@ def tune_for_artifact(
     tunes = opts.tune_trials or opts.focus_trials
     if not tunes and opts.tuning_db is None:
         return None, info
-    from tqdm import tqdm
-
     from codesign.tvm_backend.database import open_tuning_database
     from codesign.tvm_backend.tuning import extract_tasks, tune, tune_focused
 
@@ -49,12 +47,8 @@ def tune_for_artifact(
         t0 = time.time()
         if opts.tune_trials:
             todo = sum(1 for t in taskset.tasks if database.needs_tuning(t.mod, opts.tune_trials))
-            with tqdm(
-                total=todo * opts.tune_trials,
-                desc=f"tune {todo}/{taskset.unique} tasks",
-                unit="trial",
-                disable=not opts.progress,
-                file=sys.stderr,
+            with _trial_bar(
+                todo * opts.tune_trials, f"tune {todo}/{taskset.unique} tasks", opts
             ) as bar:
                 report = tune(
                     taskset,
@@ -66,13 +60,7 @@ def tune_for_artifact(
                 )
             info.update(tuned_tasks=report.tuned_tasks, new_records=report.valid_records)
         if opts.focus_trials:
-            with tqdm(
-                total=opts.focus_trials,
-                desc="focus on the dominant tasks",
-                unit="trial",
-                disable=not opts.progress,
-                file=sys.stderr,
-            ) as bar:
+            with _trial_bar(opts.focus_trials, "focus on the dominant tasks", opts) as bar:
                 focus = tune_focused(
                     taskset,
                     target,
@@ -116,3 +104,10 @@ def _record_targets(db_path: Path) -> list[str]:
         return [r[0] for r in con.execute("SELECT DISTINCT target FROM tuning_records")]
     finally:
         con.close()
+
+
+def _trial_bar(total: int, desc: str, opts: CompileOptions) -> Any:
+    """A progress bar of tuning trials on stderr (off with `opts.progress` False)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="trial", disable=not opts.progress, file=sys.stderr)
