@@ -7,7 +7,7 @@ import pytest
 from codesign.blocks import BlockSpec
 from codesign.modules import build_block, init_weights, randomize_bn
 from codesign.tvm_backend.build import prepare
-from codesign.tvm_backend.lower import lower_module
+from codesign.tvm_backend.lower import block_interface, lower_module
 
 
 @pytest.fixture
@@ -17,7 +17,7 @@ def block_tasks(tmp_path, x86):
 
     spec = BlockSpec.mb(3, 6, 16, 16, 1, 14)  # expand, depthwise, project(+residual)
     module = randomize_bn(init_weights(build_block(spec), seed=3), seed=4).eval()
-    fused = prepare(lower_module(module, spec.input_shape).mod)
+    fused = prepare(lower_module(module, spec.input_shape, **block_interface(spec)).mod)
     db = open_tuning_database(tmp_path / "lut.sqlite", x86.key)
     yield extract_tasks({"b": fused}, x86), db
     db.close()

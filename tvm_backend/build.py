@@ -1,6 +1,7 @@
 """Compilation: one recipe, used for LUT blocks, measured networks and shipped artifacts alike.
 
-    Relax IRModule --zero pipeline--> fused module (one PrimFunc per fused op = tuning tasks)
+    Relax IRModule, convolutions in NHWC/OHWI (lowering ends with `layout.to_nhwc`)
+                   --zero pipeline--> fused module (one PrimFunc per fused op = tuning tasks)
                    --AttachAttrLayoutFreeBuffers--> weights marked free to change layout
                    --MetaScheduleApplyDatabase (tuned builds)--> scheduled PrimFuncs
                    --SplitLayoutRewritePreproc + FoldConstant--> weights pre-packed once, at
@@ -29,7 +30,7 @@ import numpy as np
 from codesign.errors import BuildError
 from codesign.targets import Target
 
-PIPELINE = "relax-zero-nchw-prepack/2"
+PIPELINE = "relax-zero-nhwc-prepack/3"
 
 
 def prepare(mod: Any) -> Any:

@@ -5,6 +5,11 @@ conv2d + bias add + clip (ReLU6) + residual adds, which FuseOps turns into one P
 Weights are bound as constants (`params_as_input=False`, the default: what the artifact ships)
 or kept as runtime inputs (`params_as_input=True`: needed for cache-flushing measurements).
 Both give the same TIR tuning tasks: constants are passed to PrimFuncs as arguments.
+
+Every lowering ends in `finish_lowering`: convolutions go to NHWC/OHWI (`layout.to_nhwc`)
+before weights are lifted, so runtime weights are transposed once on the host, as constant
+ones are by FoldConstant. Networks keep an NCHW input; a block lowered for the latency table
+takes and returns NHWC where it sits between other blocks (`block_interface`).
 """
 
 from __future__ import annotations
@@ -38,8 +43,11 @@ def lower_module(
     *,
     params_as_input: bool = False,
     label: str = "",
+    nhwc_in: bool = False,
+    nhwc_out: bool = False,
 ) -> Lowered:
-    """Export an eval-mode copy of `module` (BN folded) for a batch-1 input of `input_shape`."""
+    """Export an eval-mode copy of `module` (BN folded) for a batch-1 NCHW input of
+    `input_shape`; `nhwc_in` / `nhwc_out`: the compiled module takes / returns NHWC instead."""
     from tvm.relax.frontend import detach_params
     from tvm.relax.frontend.torch import from_exported_program
 
@@ -60,17 +68,42 @@ def lower_module(
     if params_as_input:
         mod, detached = detach_params(mod)
         params = [t.numpy() for t in detached.get("main", [])]
-        mod, params = weights_as_kernel_inputs(mod, params)
-    return Lowered(mod, tuple(input_shape), "float32", params, label)
+    mod, params = finish_lowering(mod, params, nhwc_in=nhwc_in, nhwc_out=nhwc_out)
+    return Lowered(mod, nhwc_shape(input_shape) if nhwc_in else tuple(input_shape), "float32",
+                   params, label)  # fmt: skip
 
 
-def weights_as_kernel_inputs(mod: Any, params: list[np.ndarray]) -> tuple[Any, list[np.ndarray]]:
-    """Precompute what `main` derives from its weights alone (bias reshapes, ...), so that
-    kernels take runtime weights exactly where embedded ones take folded constants: both
-    forms then have the same tuning tasks, weights marked layout-free in both."""
+def nhwc_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    n, c, h, w = shape
+    return (n, h, w, c)
+
+
+def finish_lowering(
+    mod: Any, params: list[np.ndarray], *, nhwc_in: bool = False, nhwc_out: bool = False
+) -> tuple[Any, list[np.ndarray]]:
+    """The end of every lowering: the requested interface, NHWC convolutions, and for runtime
+    weights (`params`, when `main` has `num_input`) what `main` derives from weights alone
+    (transposes, bias reshapes) precomputed on the host, so that kernels take runtime weights
+    exactly where embedded ones take folded constants: both forms then have the same tuning
+    tasks, weights marked layout-free in both."""
     from codesign.tvm_backend.build import lift_transform_params
+    from codesign.tvm_backend.layout import nhwc_interface, to_nhwc
 
-    return lift_transform_params(mod, params)
+    try:
+        if nhwc_in or nhwc_out:
+            mod = nhwc_interface(mod, nhwc_in=nhwc_in, nhwc_out=nhwc_out)
+        mod = to_nhwc(mod)
+    except Exception as err:
+        raise BuildError(f"could not convert the module to NHWC: {err}") from err
+    if params:
+        mod, params = lift_transform_params(mod, params)
+    return mod, params
+
+
+def block_interface(spec: BlockSpec) -> dict[str, bool]:
+    """Where a block's input and output are NHWC inside a network: between blocks; the stem
+    reads the NCHW image, the head returns class scores."""
+    return {"nhwc_in": spec.kind != "conv", "nhwc_out": spec.kind != "head"}
 
 
 def lower_block(
@@ -90,4 +123,10 @@ def lower_block(
         menu = precision_menu(parse_target(target if target is not None else "x86"))
         return lower_precision_block(spec, menu, seed=seed, params_as_input=params_as_input)
     module = init_weights(build_block(spec), seed)
-    return lower_module(module, spec.input_shape, params_as_input=params_as_input, label=spec.key)
+    return lower_module(
+        module,
+        spec.input_shape,
+        params_as_input=params_as_input,
+        label=spec.key,
+        **block_interface(spec),
+    )

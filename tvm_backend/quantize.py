@@ -256,9 +256,12 @@ def lower_quantized(
     *,
     params_as_input: bool = False,
     label: str = "",
+    nhwc_in: bool = False,
+    nhwc_out: bool = False,
 ) -> Lowered:
     """The Relax module of a network given by `blocks` (their `.precision` says how each block
-    executes) and the parameters of every quantisable layer (see `quant_layers`)."""
+    executes) and the parameters of every quantisable layer (see `quant_layers`); NCHW input
+    unless `nhwc_in`, output NCHW unless `nhwc_out` (see `lower.finish_lowering`)."""
     from tvm import relax
 
     from codesign.tvm_backend.intrin import register_intrinsics
@@ -289,13 +292,14 @@ def lower_quantized(
         raise
     except Exception as err:
         raise BuildError(f"could not lower {label or 'quantised network'}: {err}") from err
+    from codesign.tvm_backend.lower import finish_lowering, nhwc_shape
+
     mod, params_in = bb.get(), list(em.arrays)
     if params_as_input:  # as torch's importer marks it: weights follow the one data input
-        from codesign.tvm_backend.lower import weights_as_kernel_inputs
-
         mod["main"] = mod["main"].with_attr("num_input", 1)
-        mod, params_in = weights_as_kernel_inputs(mod, params_in)
-    return Lowered(mod, blocks[0].input_shape, "float32", params_in, label)
+    mod, params_in = finish_lowering(mod, params_in, nhwc_in=nhwc_in, nhwc_out=nhwc_out)
+    shape = blocks[0].input_shape
+    return Lowered(mod, nhwc_shape(shape) if nhwc_in else shape, "float32", params_in, label)
 
 
 def random_params(spec: BlockSpec, seed: int = 0) -> list[LayerParams]:
@@ -339,6 +343,13 @@ def lower_precision_block(
     spec: BlockSpec, menu: PrecisionMenu, *, seed: int = 0, params_as_input: bool = False
 ) -> Lowered:
     """One block at its precision with random parameters: what the LUT measures."""
+    from codesign.tvm_backend.lower import block_interface
+
     return lower_quantized(
-        [spec], random_params(spec, seed), menu, params_as_input=params_as_input, label=spec.key
+        [spec],
+        random_params(spec, seed),
+        menu,
+        params_as_input=params_as_input,
+        label=spec.key,
+        **block_interface(spec),
     )
