@@ -84,3 +84,18 @@ def test_network_converts_once_at_the_input(tiny, x86) -> None:
     assert low.input_shape == (1, *tiny.input_shape)
     names = [t.name for t in extract_tasks({"n": prepare(low.mod)}, x86).tasks]
     assert sum("transpose" in n for n in names) == 1, names
+
+
+def test_conversion_leaves_its_input_module_alone(monkeypatch) -> None:
+    import codesign.tvm_backend.layout as layout
+
+    spec = BlockSpec.mb(3, 6, 16, 16, 1, 14)
+    module = init_weights(build_block(spec), seed=0).eval()
+    with monkeypatch.context() as m:  # the NCHW module the importer produces
+        m.setattr(layout, "to_nhwc", lambda mod: mod)
+        nchw = lower_module(module, spec.input_shape).mod
+    before = nchw.script()
+    assert 'data_layout="NCHW"' in before
+    out = layout.to_nhwc(layout.nhwc_interface(nchw, nhwc_in=True, nhwc_out=True))
+    assert nchw.script() == before
+    assert 'data_layout="NCHW"' not in out.script()

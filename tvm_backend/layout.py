@@ -52,7 +52,7 @@ def nhwc_interface(mod: Any, *, nhwc_in: bool, nhwc_out: bool) -> Any:
         shape = [shape[i] for i in NCHW_TO_NHWC]
     params = [relax.Var(x.name, relax.TensorType(shape, x.ty.dtype))]
     params += [relax.Var(p.name, p.ty) for p in old.params[1:]]
-    inner = mod.shallow_copy() if hasattr(mod, "shallow_copy") else mod
+    inner = mod.clone()
     del inner["main"]
     bb = relax.BlockBuilder(inner)
     nchw = bb.add_func(old.without_attr("global_symbol"), "main_nchw")
@@ -74,7 +74,7 @@ def _rewrite(mod: Any, rule: Any) -> Any:
     from tvm.relax.dpl import rewrite_call
 
     pattern, fn = rule()
-    out = mod.shallow_copy() if hasattr(mod, "shallow_copy") else mod
+    out = mod.clone()  # the caller's module is left as it was
     for gv, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
             out[gv] = rewrite_call(pattern, fn, func)
