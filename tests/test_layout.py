@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from tvm_helpers import run_built
 
 from codesign.blocks import BlockSpec
 from codesign.modules import build_block, init_weights, randomize_bn
@@ -18,16 +19,6 @@ from codesign.tvm_backend.lower import block_interface, lower_block, lower_modul
 from codesign.tvm_backend.tuning import extract_tasks
 
 TRANSPOSE_ONLY = re.compile(r"^(fused_)?(transpose\d*_?)+$")
-
-
-def _run(built, x: np.ndarray) -> np.ndarray:
-    import tvm
-    from tvm import relax
-
-    dev = tvm.cpu()
-    vm = relax.VirtualMachine(built.executable, dev)
-    args = [tvm.runtime.tensor(x, dev)] + [tvm.runtime.tensor(p, dev) for p in built.params]
-    return vm["main"](*args).numpy()
 
 
 @pytest.mark.parametrize(
@@ -60,7 +51,7 @@ def test_block_runs_nhwc_between_blocks(spec: BlockSpec, params_as_input: bool, 
     if io["nhwc_out"]:
         ref = ref.transpose(NCHW_TO_NHWC)
     assert low.input_shape == x.shape
-    np.testing.assert_allclose(_run(compile_module(low, x86), x), ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(run_built(compile_module(low, x86), x), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_int8_block_interface_has_no_transposes(x86) -> None:

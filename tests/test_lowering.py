@@ -8,22 +8,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from tvm_helpers import run_built
 
 from codesign.blocks import BlockSpec
 from codesign.modules import build_block, build_network, init_weights, randomize_bn
 from codesign.targets import parse_target
 from codesign.tvm_backend.build import compile_module
 from codesign.tvm_backend.lower import lower_block, lower_module
-
-
-def _run(built, x: np.ndarray) -> np.ndarray:
-    import tvm
-    from tvm import relax
-
-    dev = tvm.cpu()
-    vm = relax.VirtualMachine(built.executable, dev)
-    args = [tvm.runtime.tensor(x, dev)] + [tvm.runtime.tensor(p, dev) for p in built.params]
-    return vm["main"](*args).numpy()
 
 
 @pytest.mark.parametrize(
@@ -47,7 +38,7 @@ def test_block_tvm_equals_torch(spec: BlockSpec, params_as_input: bool, x86) -> 
     x = np.random.default_rng(0).standard_normal(spec.input_shape).astype("float32")
     with torch.no_grad():
         ref = module(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(_run(built, x), ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(run_built(built, x), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_whole_network_tvm_equals_torch(tiny, x86) -> None:
@@ -57,7 +48,7 @@ def test_whole_network_tvm_equals_torch(tiny, x86) -> None:
     x = np.random.default_rng(1).standard_normal((1, *tiny.input_shape)).astype("float32")
     with torch.no_grad():
         ref = net(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(_run(built, x), ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(run_built(built, x), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_arm_cross_compiled_library_is_aarch64(tmp_path) -> None:
@@ -109,4 +100,4 @@ def test_tuned_kernels_read_prepacked_weights_in_both_weight_forms(tmp_path, x86
         built = compile_module(low, x86, db)
         if low.params:  # runtime weights arrive already in the kernels' layout
             assert [p.shape for p in built.params] != [p.shape for p in low.params]
-        np.testing.assert_allclose(_run(built, x), ref, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(run_built(built, x), ref, rtol=1e-4, atol=1e-4)

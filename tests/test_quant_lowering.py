@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tvm_helpers import run_built
 
 from codesign.blocks import BlockSpec
 from codesign.compression.quant import reference
@@ -31,15 +32,6 @@ def setup(x86):
     return net, calibrate(net, [x]), x, precision_menu(x86)
 
 
-def _run(built, x: np.ndarray) -> np.ndarray:
-    import tvm
-    from tvm import relax
-
-    vm = relax.VirtualMachine(built.executable, tvm.cpu())
-    args = [tvm.runtime.tensor(x)] + [tvm.runtime.tensor(p) for p in built.params]
-    return vm["main"](*args).numpy()
-
-
 POLICIES = [
     "int8:w7a8_int8:w7a8-w7a8-w7a8_int8:w7a8-w7a8_int8:w7a8-w7a8",  # uniform int8
     "int8:w4a6_fp32:w5a32-w3a32-w6a32_int8:w6a8-w2a4_fp32:w32a32-w8a32",  # mixed
@@ -62,7 +54,7 @@ def test_tvm_matches_fake_quant(setup, x86, text, params_as_input):
     )
     for i in range(2):
         xi = x[i : i + 1].numpy()
-        out = _run(built, xi)
+        out = run_built(built, xi)
         ref = reference.run_network(xi, blocks, params)
         fq = qnet(torch.from_numpy(xi)).detach().numpy()
         scale = float(np.abs(fq).max())
