@@ -28,6 +28,11 @@ NCHW_TO_NHWC = (0, 2, 3, 1)
 NHWC_TO_NCHW = (0, 3, 1, 2)
 
 
+def nhwc_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """An NCHW shape in NHWC order."""
+    return tuple(shape[i] for i in NCHW_TO_NHWC)
+
+
 def to_nhwc(mod: Any) -> Any:
     """`mod` with every conv2d in NHWC/OHWI and no transposes that undo each other."""
     from tvm import relax
@@ -47,10 +52,10 @@ def nhwc_interface(mod: Any, *, nhwc_in: bool, nhwc_out: bool) -> Any:
 
     old = mod["main"]
     x = old.params[0]
-    shape = [int(d) for d in x.ty.shape]
-    if nhwc_in:
-        shape = [shape[i] for i in NCHW_TO_NHWC]
-    params = [relax.Var(x.name, relax.TensorType(shape, x.ty.dtype))]
+    shape = tuple(int(d) for d in x.ty.shape)
+    params = [
+        relax.Var(x.name, relax.TensorType(nhwc_shape(shape) if nhwc_in else shape, x.ty.dtype))
+    ]
     params += [relax.Var(p.name, p.ty) for p in old.params[1:]]
     inner = mod.clone()
     del inner["main"]
@@ -111,11 +116,8 @@ def _cancel_transposes() -> tuple[Any, Any]:
     outer = is_op("relax.permute_dims")(inner)
 
     def fn(expr: Any, matched: dict[Any, Any]) -> Any:
-        a = _axes(matched[inner], matched[x])
-        b = _axes(expr, matched[inner])
-        if a is None or b is None or [a[i] for i in b] != list(range(len(a))):
-            return expr
-        return matched[x]
+        undone = _undoes(_axes(expr, matched[inner]), _axes(matched[inner], matched[x]))
+        return matched[x] if undone else expr
 
     return outer, fn
 
@@ -128,7 +130,7 @@ def _identity_transposes() -> tuple[Any, Any]:
 
     def fn(expr: Any, matched: dict[Any, Any]) -> Any:
         axes = _axes(expr, matched[x])
-        return matched[x] if axes is not None and axes == list(range(len(axes))) else expr
+        return matched[x] if axes is not None and _undoes(axes, list(range(len(axes)))) else expr
 
     return perm, fn
 
@@ -148,12 +150,18 @@ def _transposed_add() -> tuple[Any, Any]:
 
     def fn(expr: Any, matched: dict[Any, Any]) -> Any:
         p, p2 = _axes(matched[pa], matched[a]), _axes(matched[pb], matched[b])
-        q = _axes(expr, matched[add])
-        if p is None or p != p2 or q is None or [p[i] for i in q] != list(range(len(p))):
+        if p != p2 or not _undoes(_axes(expr, matched[add]), p):
             return expr
         return relax.op.add(matched[a], matched[b])
 
     return outer, fn
+
+
+def _undoes(outer: list[int] | None, inner: list[int] | None) -> bool:
+    """Whether permute_dims(permute_dims(x, inner), outer) is x (both axes known)."""
+    if outer is None or inner is None or len(outer) != len(inner):
+        return False
+    return [inner[i] for i in outer] == list(range(len(inner)))
 
 
 def _axes(call: Any, arg: Any) -> list[int] | None:

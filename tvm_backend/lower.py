@@ -24,6 +24,7 @@ import torch
 from codesign.blocks import BlockSpec
 from codesign.errors import BuildError
 from codesign.modules import build_block, fold_bn, init_weights
+from codesign.tvm_backend.layout import nhwc_shape
 
 
 @dataclass
@@ -71,11 +72,6 @@ def lower_module(
     mod, params = finish_lowering(mod, params, nhwc_in=nhwc_in, nhwc_out=nhwc_out)
     return Lowered(mod, nhwc_shape(input_shape) if nhwc_in else tuple(input_shape), "float32",
                    params, label)  # fmt: skip
-
-
-def nhwc_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    n, c, h, w = shape
-    return (n, h, w, c)
 
 
 def finish_lowering(

@@ -292,7 +292,8 @@ def lower_quantized(
         raise
     except Exception as err:
         raise BuildError(f"could not lower {label or 'quantised network'}: {err}") from err
-    from codesign.tvm_backend.lower import finish_lowering, nhwc_shape
+    from codesign.tvm_backend.layout import nhwc_shape
+    from codesign.tvm_backend.lower import finish_lowering
 
     mod, params_in = bb.get(), list(em.arrays)
     if params_as_input:  # as torch's importer marks it: weights follow the one data input
