@@ -34,7 +34,13 @@ from codesign.errors import (
 from codesign.lut import LatencyTable
 from codesign.measurement import Measurement, MeasureProtocol, Provenance
 from codesign.search.space import SearchSpace, get_space, list_spaces
-from codesign.targets import Target, parse_target
+from codesign.targets import Target, host_threads, parse_target
+
+# TVM sizes its runtime thread pool once, when it first runs a kernel, from TVM_NUM_THREADS, or
+# else from half the CPUs on x86 (it assumes hyper-threads): one thread on a 2-vCPU machine,
+# and the pool cannot grow later. Targets default to every CPU this process may use, so the pool
+# is sized to match unless the user chose a size (runner.set_threads checks what it got).
+os.environ.setdefault("TVM_NUM_THREADS", str(host_threads()))
 
 if TYPE_CHECKING:
     from codesign.artifact.predictor import Predictor

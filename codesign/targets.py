@@ -165,9 +165,7 @@ def parse_target(spec: str | Target) -> Target:
         opts[k] = v
     options = tuple(sorted(opts.items()))
     if name == "x86":
-        threads = (
-            _positive_int("threads", opts["threads"]) if "threads" in opts else _host_threads()
-        )
+        threads = _positive_int("threads", opts["threads"]) if "threads" in opts else host_threads()
         d = {"kind": "llvm", "mcpu": opts.get("mcpu") or host_cpu(), "num-cores": threads}
         return Target("x86", _canonical(d), "cpu", threads, options=options)
     if name == "cuda":
@@ -196,7 +194,7 @@ def parse_target(spec: str | Target) -> Target:
 
 
 @functools.cache
-def _host_threads() -> int:
+def host_threads() -> int:
     """CPUs this process may use, read once (TVM's thread pool later pins threads)."""
     try:
         return len(os.sched_getaffinity(0))

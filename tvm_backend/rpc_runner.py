@@ -25,7 +25,7 @@ import numpy as np
 
 from codesign.measurement import Measurement, MeasureProtocol
 from codesign.tvm_backend.build import Built
-from codesign.tvm_backend.runner import Runner, random_input
+from codesign.tvm_backend.runner import Runner, check_thread_pool, random_input
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +94,8 @@ def measure_session(remote: Any, job: RemoteJob) -> RemoteResult:
     dev = remote.cuda(0) if job.device == "cuda" else remote.cpu(0)
     if job.device == "cpu":
         remote.get_function("runtime.config_threadpool")(1, int(job.threads))
+        threads = remote.get_function("runtime.NumThreads")()
+        check_thread_pool(threads, job.threads, "the RPC server")
     vm = relax.VirtualMachine(rexec, dev)
     x = np.load(job.input_path) if job.input_path else None
     if x is None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from codesign.errors import TargetError
 from codesign.measurement import Measurement, MeasureProtocol
 from codesign.tvm_backend.build import Built
 
@@ -95,6 +96,19 @@ def set_threads(threads: int) -> None:
 
     with affinity_kept():
         tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
+    check_thread_pool(tvm.get_global_func("runtime.NumThreads")(), threads, "this process")
+
+
+def check_thread_pool(actual: int, threads: int, where: str) -> None:
+    """Refuse to run with fewer TVM threads than asked: the pool is sized once, from
+    TVM_NUM_THREADS, and `config_threadpool` silently caps a request at that size, so a
+    measurement labelled with `threads` would have run on fewer."""
+    if int(actual) != int(threads):
+        raise TargetError(
+            f"TVM's thread pool in {where} has {actual} thread(s) but {threads} were asked for; "
+            f"TVM sizes it once, when it first runs, from TVM_NUM_THREADS: start {where} with "
+            f"TVM_NUM_THREADS={threads}, or ask for threads={actual}"
+        )
 
 
 class LocalRunner(Runner):
@@ -111,12 +125,12 @@ class LocalRunner(Runner):
         import tvm
         from tvm import relax
 
+        if built.target.device == "cpu":
+            set_threads(built.target.threads)  # a misconfigured pool raises: nothing to record
         try:
             dev = tvm.cuda(0) if built.target.device == "cuda" else tvm.cpu(0)
             if built.target.device == "cuda" and not dev.exist:
                 return Measurement.failed("no CUDA device on this machine")
-            if built.target.device == "cpu":
-                set_threads(built.target.threads)
             vm = relax.VirtualMachine(built.executable, dev)
             args = [
                 tvm.runtime.tensor(

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from codesign.artifact.executor import Executor, parse_device, to_numpy
-from codesign.errors import FarmError, NoServerError, RemoteError
+from codesign.errors import FarmError, NoServerError, RemoteError, TargetError
 from codesign.measurement import Measurement, MeasureProtocol
 
 
@@ -117,6 +117,14 @@ class RemoteExecutor(Executor):
                 f"the RPC server could not load {library.name}: {err} (an architecture mismatch "
                 "shows up as 'cannot open shared object file')"
             ) from None
+        if threads and kind == "cpu":
+            from codesign.tvm_backend.runner import check_thread_pool
+
+            try:
+                check_thread_pool(session.get_function("runtime.NumThreads")(), threads,
+                                  "the RPC server")  # fmt: skip
+            except TargetError as err:
+                raise RemoteError(str(err)) from None
         self.session = session
         self.where = where
         self.emulated = emulated
