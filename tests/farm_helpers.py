@@ -13,6 +13,16 @@ from codesign.farm.config import FarmConfig, Retries, ServerGroup, Timeouts
 from codesign.farm.procs import Proc
 from codesign.farm.supervisor import read_state
 
+# Test farms share this machine's cores: each server runs one TVM thread, and jobs measure
+# with the target whose threads match (a pool smaller than a target's threads is refused).
+SERVER_THREADS = 1
+
+
+def farm_target():
+    from codesign.targets import parse_target
+
+    return parse_target(f"x86:threads={SERVER_THREADS}")
+
 
 def port_free(port: int) -> bool:
     with socket.socket() as s:
@@ -54,7 +64,7 @@ def farm_config(
     return FarmConfig(
         tracker_port=base,
         state_dir=state_dir,
-        servers=(ServerGroup(key, servers, base + 1, threads=1),),
+        servers=(ServerGroup(key, servers, base + 1, threads=SERVER_THREADS),),
         timeouts=timeouts,
         retries=Retries(attempts=3, quarantine_after=2, max_restarts=10),
     )
@@ -107,7 +117,7 @@ def module_farm(  # noqa: ANN201
 
     cfg = farm_config(tmp_path_factory.mktemp("farm"), servers=servers, **changes)
     for key in extra_keys:
-        cfg = cfg.with_group(ServerGroup(key, 1, free_ports(1), threads=1))
+        cfg = cfg.with_group(ServerGroup(key, 1, free_ports(1), threads=SERVER_THREADS))
     start_farm(cfg)
     try:
         yield cfg

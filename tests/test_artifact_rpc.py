@@ -28,6 +28,7 @@ from codesign.artifact.remote import (
 from codesign.errors import FarmError, RemoteError
 from codesign.farm.tracker import TrackerClient
 from codesign.measurement import MeasureProtocol
+from codesign.targets import host_threads
 
 pytestmark = pytest.mark.rpc
 KEY = "codesign-test-x86"
@@ -52,7 +53,8 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def tracker() -> Iterator[str]:
     tport, sport = free_port(), free_port()
-    env = {**os.environ, "TVM_NUM_THREADS": "1"}
+    # the server's pool holds the threads the artifact (x86: every CPU here) is measured with
+    env = {**os.environ, "TVM_NUM_THREADS": str(host_threads())}
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1"]
@@ -141,6 +143,20 @@ def test_run_on_rpc_server_equals_local(tracker: str, x86_artifact: Path, tmp_pa
     assert report["latency_ms"] > 0
     best = max(range(expected.shape[1]), key=lambda i: expected[0, i])
     assert report["top"][0][0]["class"] == art.manifest.classes[best]
+
+
+def test_more_threads_than_the_server_pool_are_refused(
+    tracker: str, x86_artifact: Path, tmp_path: Path
+) -> None:
+    """A run labelled with N threads must not run on a server whose TVM pool holds fewer."""
+    with codesign.load(x86_artifact) as local:
+        workdir = local.artifact.extract(tmp_path / "files")
+        x = np.load(io.BytesIO(local.artifact.files["sample_input.npy"]))
+    _wait_free(tracker)
+    session = request_session(tracker, KEY, timeout_s=30, session_timeout_s=120)
+    with pytest.raises(RemoteError, match=f"TVM_NUM_THREADS={host_threads() + 1}"):
+        run_on_session(session, workdir / "model.so", [x], threads=host_threads() + 1)
+    del session
 
 
 def test_unknown_key_and_unreachable_tracker_fail_fast(tracker: str) -> None:

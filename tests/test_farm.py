@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from farm_helpers import free_ports, healthy, module_farm, server_proc, wait_for
+from farm_helpers import farm_target, free_ports, healthy, module_farm, server_proc, wait_for
 
 from codesign.errors import FarmError, NoServerError
 from codesign.farm.config import load_config
@@ -39,6 +39,12 @@ key = "arm64"
 port = 9370
 emulator = "arm64"
 """
+
+
+@pytest.fixture(scope="module")
+def x86():
+    """The target farm jobs measure with: as many threads as each server runs."""
+    return farm_target()
 
 
 @pytest.fixture(scope="module")

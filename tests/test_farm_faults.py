@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from farm_helpers import (
     farm_config,
+    farm_target,
     free_ports,
     healthy,
     in_session,
@@ -39,6 +40,12 @@ pytestmark = pytest.mark.rpc
 # ~0.3 s per measurement job: a fault reliably lands while a job is in flight
 PROTO = MeasureProtocol(repeat=3, number=1, min_repeat_ms=100)
 N_BLOCKS = 5
+
+
+@pytest.fixture(scope="module")
+def x86():
+    """The target farm jobs measure with: as many threads as each server runs."""
+    return farm_target()
 
 
 @pytest.fixture(scope="module")
