@@ -25,7 +25,7 @@ import numpy as np
 
 from codesign.measurement import Measurement, MeasureProtocol
 from codesign.tvm_backend.build import Built
-from codesign.tvm_backend.runner import Runner, check_thread_pool, random_input
+from codesign.tvm_backend.runner import Runner, random_input, size_thread_pool
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +93,7 @@ def measure_session(remote: Any, job: RemoteJob) -> RemoteResult:
     rexec = remote.load_module(os.path.basename(job.lib_path))
     dev = remote.cuda(0) if job.device == "cuda" else remote.cpu(0)
     if job.device == "cpu":
-        remote.get_function("runtime.config_threadpool")(1, int(job.threads))
-        threads = remote.get_function("runtime.NumThreads")()
-        check_thread_pool(threads, job.threads, "the RPC server")
+        size_thread_pool(remote.get_function, job.threads, "the RPC server")
     vm = relax.VirtualMachine(rexec, dev)
     x = np.load(job.input_path) if job.input_path else None
     if x is None:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import abc
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
-from codesign.errors import TargetError
+from codesign.errors import CodesignError, TargetError
 from codesign.measurement import Measurement, MeasureProtocol
 from codesign.tvm_backend.build import Built
 
@@ -95,16 +95,24 @@ def set_threads(threads: int) -> None:
     import tvm
 
     with affinity_kept():
-        tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
-    check_thread_pool(tvm.get_global_func("runtime.NumThreads")(), threads, "this process")
+        size_thread_pool(tvm.get_global_func, threads, "this process")
 
 
-def check_thread_pool(actual: int, threads: int, where: str) -> None:
+def size_thread_pool(get_function: Callable[[str], Any], threads: int, where: str) -> None:
+    """Ask the TVM pool that `get_function` reaches (`tvm.get_global_func`, or an RPC session's
+    `get_function`) for `threads` threads, and check it got them (`check_thread_pool`)."""
+    get_function("runtime.config_threadpool")(1, int(threads))
+    check_thread_pool(get_function("runtime.NumThreads")(), threads, where)
+
+
+def check_thread_pool(
+    actual: int, threads: int, where: str, error: type[CodesignError] = TargetError
+) -> None:
     """Refuse to run with fewer TVM threads than asked: the pool is sized once, from
     TVM_NUM_THREADS, and `config_threadpool` silently caps a request at that size, so a
     measurement labelled with `threads` would have run on fewer."""
     if int(actual) != int(threads):
-        raise TargetError(
+        raise error(
             f"TVM's thread pool in {where} has {actual} thread(s) but {threads} were asked for; "
             f"TVM sizes it once, when it first runs, from TVM_NUM_THREADS: start {where} with "
             f"TVM_NUM_THREADS={threads}, or ask for threads={actual}"

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from codesign.artifact.executor import Executor, parse_device, to_numpy
-from codesign.errors import FarmError, NoServerError, RemoteError, TargetError
+from codesign.errors import FarmError, NoServerError, RemoteError
 from codesign.measurement import Measurement, MeasureProtocol
 
 
@@ -120,11 +120,8 @@ class RemoteExecutor(Executor):
         if threads and kind == "cpu":
             from codesign.tvm_backend.runner import check_thread_pool
 
-            try:
-                check_thread_pool(session.get_function("runtime.NumThreads")(), threads,
-                                  "the RPC server")  # fmt: skip
-            except TargetError as err:
-                raise RemoteError(str(err)) from None
+            pool = session.get_function("runtime.NumThreads")()
+            check_thread_pool(pool, threads, "the RPC server", error=RemoteError)
         self.session = session
         self.where = where
         self.emulated = emulated
