@@ -57,3 +57,33 @@ def test_focus_trials_follow_the_estimated_time_and_resume(block_tasks, x86) -> 
     assert again[0].tuned_tasks == 1 and again[0].trials == 4
     assert again[1].tuned_tasks == 0 and again[1].trials == 0
     assert db.trials_done(ts.tasks[top].mod) == done + 4
+
+
+def test_tuning_runner_reports_the_fastest_of_its_repeats(x86) -> None:
+    """Candidates are timed in several windows and ranked by the fastest (load only adds
+    time); a candidate that fails keeps its error."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.script import tirx as T
+
+    from codesign.tvm_backend.ms_runner import fastest_of_repeats
+    from codesign.tvm_backend.tuning import fast_build
+
+    @T.prim_func(s_tir=True)
+    def add(a: T.Buffer((4096,), "float32"), b: T.Buffer((4096,), "float32")) -> None:
+        for i in range(4096):
+            with T.sblock("b"):
+                vi = T.axis.remap("S", [i])
+                b[vi] = a[vi] + T.float32(1)
+
+    target = x86.tvm_target()
+    (built,) = ms.builder.LocalBuilder(f_build=fast_build).build(
+        [ms.builder.BuilderInput(tvm.IRModule({"main": add}), target)]
+    )
+    assert built.error_msg is None
+    args = [ms.arg_info.TensorInfo("float32", [4096])] * 2
+    good = ms.runner.RunnerInput(built.artifact_path, "cpu", args)
+    bad = ms.runner.RunnerInput(built.artifact_path + ".missing", "cpu", args)
+    ok, failed = (f.result() for f in fastest_of_repeats(repeats=3, window_ms=5).run([good, bad]))
+    assert ok.error_msg is None and len(ok.run_secs) == 1 and 0 < float(ok.run_secs[0]) < 0.01
+    assert failed.error_msg and not failed.run_secs

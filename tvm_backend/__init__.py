@@ -3,6 +3,7 @@
 lower     PyTorch -> torch.export -> Relax
 build     the compile recipe shared by LUT, networks and artifacts; library export
 tuning    MetaSchedule task extraction, de-duplication and tuning
+ms_runner how tuning times candidates: the fastest of several windows
 database  MetaSchedule records stored in the LUT's SQLite file
 runner    timing compiled modules (LocalRunner; remote runners share the interface)
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from codesign.errors import TuningError
 from codesign.targets import Target
+from codesign.tvm_backend.ms_runner import fastest_of_repeats
 
 
 def fast_build(mod: Any, target: Any, _params: Any) -> Any:
@@ -224,7 +225,7 @@ def tune(
                 max_trials_per_task=run,
                 num_trials_per_iter=per_iter,
                 builder=builder,
-                runner=ms.runner.LocalRunner(),
+                runner=fastest_of_repeats(),
                 database=database,
                 cost_model="xgb",
             )
