@@ -2,8 +2,9 @@
 
     python benchmarks/runtime_vs_peers.py --quick                 # tiny-space net, 4 trials/task
     python benchmarks/runtime_vs_peers.py [--model DIR]           # MobileNetV2-style 1x3x224x224
-                                    # (+ a searched net), 32 trials/task + focus trials (2048 for
-                                    # the 224 net, 256 for a searched one) where the time goes
+                                    # (+ a searched net), 64 trials/task (half of them seed
+                                    # schedules on convolutions) + focus trials (1024 for the
+                                    # 224 net, 256 for a searched one) where the time goes
 
 For each network: compile the artifact tuned (`codesign compile --tune-trials N --focus-trials M`,
 records kept in `--db`, so an interrupted run resumes) and untuned, then time in interleaved rounds, all with
@@ -255,7 +256,7 @@ def main() -> int:
         "--focus-trials",
         type=int,
         default=None,
-        help="extra trials where the MobileNetV2-style net spends its time (default 2048; quick 0)",
+        help="extra trials where the MobileNetV2-style net spends its time (default 1024; quick 0)",
     )
     ap.add_argument("--model-focus-trials", type=int, default=256, help="the same for each --model")
     ap.add_argument("--target", default="x86", help="an x86 target spec (threads=N)")
@@ -265,9 +266,9 @@ def main() -> int:
     ap.add_argument("--min-repeat-ms", type=int, default=None)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
-    args.trials = args.trials or (4 if args.quick else 32)
+    args.trials = args.trials or (4 if args.quick else 64)
     if args.focus_trials is None:
-        args.focus_trials = 0 if args.quick else 2048
+        args.focus_trials = 0 if args.quick else 1024
     args.rounds = args.rounds or (2 if args.quick else 3)
     args.min_repeat_ms = args.min_repeat_ms or (20 if args.quick else 100)
     if parse_target(args.target).name != "x86":

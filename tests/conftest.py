@@ -47,6 +47,32 @@ def quick():
 
 
 @pytest.fixture
+def mb_block():
+    """One inverted residual (expand, depthwise, project + residual) with non-trivial BatchNorm,
+    lowered as it runs inside a network: (spec, module, Lowered)."""
+    from codesign.blocks import BlockSpec
+    from codesign.modules import build_block, init_weights, randomize_bn
+    from codesign.tvm_backend.lower import block_interface, lower_module
+
+    spec = BlockSpec.mb(3, 6, 16, 16, 1, 14)
+    module = randomize_bn(init_weights(build_block(spec), seed=3), seed=4).eval()
+    return spec, module, lower_module(module, spec.input_shape, **block_interface(spec))
+
+
+@pytest.fixture
+def block_tasks(tmp_path, x86, mb_block):
+    """The three tuning tasks of `mb_block` and an empty tuning database."""
+    from codesign.tvm_backend.build import prepare
+    from codesign.tvm_backend.database import open_tuning_database
+    from codesign.tvm_backend.tuning import extract_tasks
+
+    fused = prepare(mb_block[2].mod)
+    db = open_tuning_database(tmp_path / "lut.sqlite", x86.key)
+    yield extract_tasks({"b": fused}, x86), db
+    db.close()
+
+
+@pytest.fixture
 def farm_factory(tmp_path: Path):
     """Start real farms (tracker + servers + supervisor on 127.0.0.1, free ports); always stopped
     afterwards, and every recorded process tree killed by PID."""

@@ -2,26 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
-from codesign.blocks import BlockSpec
-from codesign.modules import build_block, init_weights, randomize_bn
-from codesign.tvm_backend.build import prepare
-from codesign.tvm_backend.lower import block_interface, lower_module
-
-
-@pytest.fixture
-def block_tasks(tmp_path, x86):
-    from codesign.tvm_backend.database import open_tuning_database
-    from codesign.tvm_backend.tuning import extract_tasks
-
-    spec = BlockSpec.mb(3, 6, 16, 16, 1, 14)  # expand, depthwise, project(+residual)
-    module = randomize_bn(init_weights(build_block(spec), seed=3), seed=4).eval()
-    fused = prepare(lower_module(module, spec.input_shape, **block_interface(spec)).mod)
-    db = open_tuning_database(tmp_path / "lut.sqlite", x86.key)
-    yield extract_tasks({"b": fused}, x86), db
-    db.close()
-
 
 def _cost_ms(db, task, calls: int) -> float:
     secs = [float(s) for s in db.best_record(task.mod).run_secs]
@@ -29,7 +9,8 @@ def _cost_ms(db, task, calls: int) -> float:
 
 
 def test_focus_trials_follow_the_estimated_time_and_resume(block_tasks, x86) -> None:
-    from codesign.tvm_backend.tuning import TaskSet, focus_budgets, tune, tune_focused
+    from codesign.tvm_backend.focus import focus_budgets, tune_focused
+    from codesign.tvm_backend.tuning import TaskSet, tune
 
     ts, db = block_tasks
     assert ts.unique == 3 and ts.calls_of("b") == [1, 1, 1]

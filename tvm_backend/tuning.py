@@ -5,6 +5,11 @@ structural equality, and tuned once each in a single MetaSchedule session: ident
 different blocks costs one tuning. Tasks that already have enough valid records are skipped,
 so an interrupted run resumes where it stopped.
 
+A budget of N trials per task is spent in two parts: convolution tasks first get up to N/2
+register-tiled seed schedules (`seeds`, measured once per task), then MetaSchedule's
+evolutionary search spends the rest, starting from the best records. Extra trials where a
+network spends its time: `focus`.
+
 Traps handled here (see TVM_GUIDE.md §3.1):
 - the stock builder imports `tvm.s_tir.tensor_intrin` in every worker (~22 s, past its 30 s
   timeout), so `fast_build` skips it;
@@ -30,6 +35,7 @@ from typing import Any
 from codesign.errors import TuningError
 from codesign.targets import Target
 from codesign.tvm_backend.ms_runner import fastest_of_repeats
+from codesign.tvm_backend.seeds import measure_seeds, seed_budget
 
 
 def fast_build(mod: Any, target: Any, _params: Any) -> Any:
@@ -210,27 +216,27 @@ def tune(
     import_intrinsics()
     before = sum(database.valid_count(t.mod) for t in todo)
     builder = ms.builder.LocalBuilder(f_build=fast_build)
-    if on_trials is not None:
-        builder = _counting_builder(builder, on_trials)
+    runner = fastest_of_repeats()
     with tempfile.TemporaryDirectory(prefix="codesign-tune-") as tmp, reap_workers():
         wd = work_dir or tmp
-        contexts, weights = _tune_contexts(todo, target, wd, _strategy(run), seed)
-        per_iter = max(1, min(run, 32))
-        try:
-            ms.tune.tune_tasks(
-                tasks=contexts,
-                task_weights=[float(w) for w in weights],
-                work_dir=wd,
-                max_trials_global=run * len(todo),
-                max_trials_per_task=run,
-                num_trials_per_iter=per_iter,
-                builder=builder,
-                runner=fastest_of_repeats(),
-                database=database,
-                cost_model="xgb",
-            )
-        except Exception as err:
-            raise TuningError(f"MetaSchedule tuning failed for {target.key}: {err}") from err
+        seeded = measure_seeds(
+            [t.mod for t in todo],
+            target,
+            database,
+            per_task=seed_budget(run),
+            builder=builder,
+            runner=runner,
+            seed=seed,
+            on_trials=on_trials,
+        )
+        if on_trials is not None:
+            builder = _counting_builder(builder, on_trials)
+        groups: dict[int, list[Task]] = {}
+        for i, task in enumerate(todo):  # the search gets what the seeds left of each budget
+            groups.setdefault(run - seeded.get(i, 0), []).append(task)
+        for left, tasks in groups.items():
+            if left > 0:
+                _search(tasks, target, left, wd, seed, builder, runner, database)
     after = sum(database.valid_count(t.mod) for t in todo)
     if after == before:
         raise TuningError(
@@ -243,76 +249,35 @@ def tune(
     )
 
 
-def focus_budgets(
-    taskset: TaskSet, database: Any, label: str, extra: int, *, base: int, quantum: int = 32
-) -> list[tuple[int, int]]:
-    """Split `extra` trials over the tasks of module `label` in proportion to their estimated
-    share of its run time (calls per run x best measured latency), in multiples of `quantum`.
-    Returns (task index, per-task budget: `base` + share), largest share first; tasks whose
-    share rounds below one quantum, or without a record, get nothing."""
-    est: dict[int, float] = {}
-    for i, calls in zip(taskset.per_module.get(label, []), taskset.calls_of(label), strict=True):
-        rec = database.best_record(taskset.tasks[i].mod)
-        if rec is not None and rec.run_secs:
-            secs = [float(s) for s in rec.run_secs]
-            est[i] = est.get(i, 0.0) + calls * sum(secs) / len(secs)
-    total = sum(est.values())
-    plan = []
-    for i, cost in sorted(est.items(), key=lambda kv: -kv[1]):
-        share = int(round(extra * cost / total / quantum)) * quantum if total > 0 else 0
-        if share >= quantum:
-            plan.append((i, base + share))
-    return plan
-
-
-def tune_focused(
-    taskset: TaskSet,
+def _search(
+    tasks: list[Task],
     target: Target,
+    trials: int,
+    work_dir: str,
+    seed: int,
+    builder: Any,
+    runner: Any,
     database: Any,
-    label: str,
-    *,
-    extra: int,
-    base: int,
-    quantum: int = 32,
-    seed: int = 0,
-    on_trials: Callable[[int], None] | None = None,
-) -> TuneReport:
-    """Spend `extra` trials beyond the uniform `base` where module `label` spends its time
-    (`focus_budgets`): a uniform budget leaves the few kernels that dominate a network
-    under-tuned (one 56x56 depthwise convolution: 0.65 ms after 32 trials, 0.27 ms after 192).
-    Each task is tuned up to its budget and marked, and the finished split is recorded, so a
-    re-run does nothing and an interrupted run resumes (its split recomputed from the records
-    present)."""
-    import hashlib
+) -> None:
+    """One MetaSchedule session: `trials` evolutionary-search trials for each of `tasks`."""
+    from tvm.s_tir import meta_schedule as ms
 
-    start, trials, tuned, valid = time.time(), 0, 0, 0
-    mods = taskset.mods_of(label)
-    key = hashlib.sha256(
-        repr(([database.task_hash(m) for m in mods], extra, base, quantum)).encode()
-    ).hexdigest()[:16]
-    if database.run_finished(f"focus:{key}") or all(database.best_record(m) is None for m in mods):
-        return TuneReport(taskset.unique, 0, 0, 0, 0.0)  # done, or nothing to estimate from yet
-    for i, budget in focus_budgets(taskset, database, label, extra, base=base, quantum=quantum):
-        mod = taskset.tasks[i].mod
-        if not database.needs_tuning(mod, budget):
-            continue
-        one = TaskSet([taskset.tasks[i]], {label: [0]}, 1, {label: [1]})
-        rep = tune(
-            one,
-            target,
-            database,
-            trials_per_task=budget,
-            seed=seed + i,
-            on_trials=on_trials,
-            new_trials=budget - database.trials_done(mod),
+    contexts, weights = _tune_contexts(tasks, target, work_dir, _strategy(trials), seed)
+    try:
+        ms.tune.tune_tasks(
+            tasks=contexts,
+            task_weights=[float(w) for w in weights],
+            work_dir=work_dir,
+            max_trials_global=trials * len(tasks),
+            max_trials_per_task=trials,
+            num_trials_per_iter=max(1, min(trials, 32)),
+            builder=builder,
+            runner=runner,
+            database=database,
+            cost_model="xgb",
         )
-        trials, tuned, valid = (
-            trials + rep.trials,
-            tuned + rep.tuned_tasks,
-            valid + rep.valid_records,
-        )
-    database.mark_run_finished(f"focus:{key}", extra)
-    return TuneReport(taskset.unique, tuned, trials, valid, time.time() - start)
+    except Exception as err:
+        raise TuningError(f"MetaSchedule tuning failed for {target.key}: {err}") from err
 
 
 def tune_missing(

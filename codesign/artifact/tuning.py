@@ -33,7 +33,8 @@ def tune_for_artifact(
     if not tunes and opts.tuning_db is None:
         return None, info
     from codesign.tvm_backend.database import open_tuning_database
-    from codesign.tvm_backend.tuning import extract_tasks, tune, tune_focused
+    from codesign.tvm_backend.focus import tune_focused
+    from codesign.tvm_backend.tuning import extract_tasks, tune
 
     db_path = Path(opts.tuning_db) if opts.tuning_db else out.with_name(out.name + ".tuning.sqlite")
     if not tunes and not db_path.exists():
