@@ -263,6 +263,7 @@ def _search(
     from tvm.s_tir import meta_schedule as ms
 
     contexts, weights = _tune_contexts(tasks, target, work_dir, _strategy(trials), seed)
+    _quiet_metaschedule()  # each session re-configures MetaSchedule's loggers at INFO
     try:
         ms.tune.tune_tasks(
             tasks=contexts,
