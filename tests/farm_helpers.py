@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from codesign.farm.config import FarmConfig, Retries, ServerGroup, Timeouts
-from codesign.farm.procs import Proc
+from codesign.farm.procs import Proc, read_events
 from codesign.farm.supervisor import read_state
 
 # Test farms share this machine's cores: each server runs one TVM thread, and jobs measure
@@ -87,13 +87,33 @@ def in_session(proc: Proc) -> bool:
     return len(proc.tree()) >= 3
 
 
-def wait_for(cond: Callable[[], bool], timeout: float, what: str, period: float = 0.05) -> None:
+def wait_for(
+    cond: Callable[[], bool],
+    timeout: float,
+    what: str,
+    period: float = 0.05,
+    explain: Callable[[], str] | None = None,
+) -> None:
     end = time.time() + timeout
     while time.time() < end:
         if cond():
             return
         time.sleep(period)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    raise AssertionError(
+        f"timed out after {timeout} s waiting for {what}" + (f"\n{explain()}" if explain else "")
+    )
+
+
+def story(state_dir: Path, last: int = 12) -> str:
+    """The farm's last events and recorded processes, for assertion messages."""
+    events = read_events(state_dir)[0][-last:]
+    lines = [f"  {e['time']:.1f} {e['kind']}: {e['message']}" for e in events]
+    st = read_state(state_dir) or {}
+    for s in st.get("servers", []):
+        proc = Proc.from_dict(s.get("proc"))
+        tree = [p.pid for p in proc.tree()] if proc else []
+        lines.append(f"  {s['name']}: {s['health']}, restarts {s['restarts']}, tree {tree}")
+    return "farm events and servers:\n" + "\n".join(lines)
 
 
 def healthy(cfg: FarmConfig) -> bool:

@@ -12,11 +12,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from farm_helpers import farm_target, free_ports, healthy, module_farm, server_proc, wait_for
+from farm_helpers import (
+    farm_target,
+    free_ports,
+    healthy,
+    module_farm,
+    server_proc,
+    story,
+    wait_for,
+)
 
 from codesign.errors import FarmError, NoServerError
 from codesign.farm.config import load_config
-from codesign.farm.procs import Proc, read_events
+from codesign.farm.procs import Proc, read_events, spawn
 from codesign.farm.scheduler import classify, key_is_emulated
 from codesign.farm.supervisor import read_state
 from codesign.farm.tracker import RequestTimeout, TrackerClient, TrackerUnavailable
@@ -135,6 +143,32 @@ def test_unknown_key_fails_fast_and_requests_are_bounded(cfg) -> None:
     del sess
 
 
+@pytest.mark.skipif(
+    sys.platform != "linux", reason="simulates the step through psutil's Linux code"
+)
+def test_process_identity_survives_a_wall_clock_step(tmp_path: Path, monkeypatch) -> None:
+    """psutil's create_time moves with the wall clock (boot time + start); a recorded farm
+    process must stay itself across a step (a VM resumed from a pause, NTP), or the supervisor
+    takes live servers for dead and restarts them onto their own busy ports."""
+    import psutil
+    from psutil import _pslinux
+
+    popen, proc = spawn([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "log")
+    try:
+        before = psutil.Process(proc.pid).create_time()
+        real = _pslinux.boot_time
+        monkeypatch.setattr(_pslinux, "boot_time", lambda: real() + 3.0)  # the clock jumps 3 s
+        assert psutil.Process(proc.pid).create_time() - before == pytest.approx(3.0, abs=0.02)
+        assert proc.alive and Proc.from_dict(proc.to_dict()) == proc
+        assert [p.pid for p in proc.tree()] == [proc.pid]
+        assert not Proc(proc.pid, proc.started - 1.0).alive  # a recycled PID is someone else
+        assert Proc.from_dict({"pid": proc.pid, "create_time": before}) is None  # old state file
+    finally:
+        assert proc.kill_tree() == 1
+        popen.wait(10)
+    assert not proc.alive
+
+
 @pytest.mark.rpc
 def test_cli_up_status_down_and_supervised_restart(tmp_path: Path) -> None:
     """`codesign farm up/status/down` from separate processes; a killed server is restarted."""
@@ -162,7 +196,7 @@ def test_cli_up_status_down_and_supervised_restart(tmp_path: Path) -> None:
 
         cfg = load_config(tmp_path / "farm.toml")
         victim = server_proc(cfg, "x86-1")
-        assert len(victim.tree()) == 2  # rpc_server -> popen_worker
+        assert len(victim.tree()) == 2, story(state)  # rpc_server -> popen_worker
         victim.kill_tree()
         wait_for(
             lambda: (
@@ -195,7 +229,9 @@ def test_zombie_server_after_session_crash_is_restarted(cfg) -> None:
     a = client.request("x86", timeout=10)
     sess = rpc.connect(a.host, a.port, a.matchkey, session_timeout=30)
     proc = server_proc(cfg, "x86-0")
-    wait_for(lambda: len(proc.tree()) >= 3, 10, "the session child")
+    wait_for(
+        lambda: len(proc.tree()) >= 3, 10, "the session child", explain=lambda: story(cfg.state_dir)
+    )
     os.kill(proc.tree()[-1].pid, signal.SIGKILL)
     del sess
     wait_for(

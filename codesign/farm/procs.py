@@ -2,6 +2,10 @@
 
 A PID alone can be recycled; `Proc` also records the process start time, so a state file read
 by another process (`codesign farm status/down`) never signals a stranger that reuses the PID.
+The start time is counted from boot (Linux: /proc/PID/stat), not read off the wall clock:
+psutil's `create_time()` adds the *current* boot time, which moves whenever the wall clock is
+stepped (NTP, a VM resumed from a pause), and a farm that trusted it took its live servers for
+dead, restarted them onto their own busy ports and lost track of the originals.
 """
 
 from __future__ import annotations
@@ -17,21 +21,38 @@ from typing import Any
 
 import psutil
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def start_time(pid: int) -> float:
+    """When `pid` started, in seconds: from boot on Linux (immune to wall-clock steps), psutil's
+    create_time elsewhere. Raises psutil.NoSuchProcess if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except FileNotFoundError:
+        raise psutil.NoSuchProcess(pid) from None
+    except OSError:
+        return psutil.Process(pid).create_time()
+    # fields after the command name, which may itself hold spaces and parentheses
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return int(fields[19]) / _CLOCK_TICKS  # field 22 of proc(5): starttime, in clock ticks
+
 
 @dataclass(frozen=True, slots=True)
 class Proc:
     pid: int
-    create_time: float
+    started: float  # see `start_time`
 
     @classmethod
     def of(cls, pid: int) -> Proc:
-        return cls(pid, psutil.Process(pid).create_time())
+        return cls(pid, start_time(pid))
 
     def handle(self) -> psutil.Process | None:
         """The live process, or None if it exited (or the PID now belongs to another one)."""
         try:
             p = psutil.Process(self.pid)
-            if abs(p.create_time() - self.create_time) > 0.05:
+            if abs(start_time(self.pid) - self.started) > 0.05:
                 return None
             if p.status() == psutil.STATUS_ZOMBIE:
                 return None
@@ -57,11 +78,13 @@ class Proc:
         return kill_all(self.tree(), timeout)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"pid": self.pid, "create_time": self.create_time}
+        return {"pid": self.pid, "started": self.started}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Proc | None:
-        return cls(int(d["pid"]), float(d["create_time"])) if d else None
+        if not d or "started" not in d:  # none, or written by an older codesign: unknown
+            return None
+        return cls(int(d["pid"]), float(d["started"]))
 
 
 def kill_all(procs: Sequence[psutil.Process], timeout: float = 10.0) -> int:

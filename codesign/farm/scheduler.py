@@ -167,11 +167,11 @@ class FarmScheduler:
                 busy = [w for w in workers if w.state == "busy"]
                 if exhausted and not queue and not busy:
                     return self.report
-                if time.time() - last_refresh > 1.0:
+                if time.monotonic() - last_refresh > 1.0:
                     self._refresh(
                         {p.job.tracker for p in queue} | {w.task.job.tracker for w in busy}
                     )
-                    last_refresh = time.time()
+                    last_refresh = time.monotonic()
                 self._scale(workers, queue)
                 self._dispatch(workers, queue)
                 self._poll(workers, queue, on_result)
@@ -190,7 +190,7 @@ class FarmScheduler:
         self.checked.add((tracker, key))
 
     def _refresh(self, trackers: set[str]) -> None:
-        now = time.time()
+        now = time.monotonic()
         for tr in trackers:
             try:
                 self.summaries[tr] = TrackerClient(
@@ -219,7 +219,7 @@ class FarmScheduler:
             return 0
         servers = self.summaries[tracker].servers_of(key)
         n = sum(1 for s in servers if s.addr not in self.quarantine)
-        now = time.time()
+        now = time.monotonic()
         if n == 0:
             since = self.starved_since.setdefault((tracker, key), now)
             if now - since > self.cfg.timeouts.tracker_wait:
@@ -289,7 +289,7 @@ class FarmScheduler:
                 w.conn.send(("job", p.job.id, p.job.payload, tr, key, self.limits, tuple(avoid)))
                 w.state, w.task, w.server = "busy", p, ""
                 w.deadline = (
-                    time.time() + t.socket * (2 + len(avoid)) + t.request * (1 + len(avoid)) + 5
+                    time.monotonic() + t.socket * (2 + len(avoid)) + t.request * (1 + len(avoid)) + 5
                 )
                 break
 
@@ -306,7 +306,7 @@ class FarmScheduler:
                     self._lost(w, workers, queue, on_result, "worker process died")
                     continue
                 self._message(w, msg, queue, on_result)
-            elif w.state == "busy" and time.time() > w.deadline:
+            elif w.state == "busy" and time.monotonic() > w.deadline:
                 self.report.deadlines += 1
                 where = f"on server {w.server}" if w.server else "waiting for the tracker"
                 self._lost(
@@ -325,7 +325,7 @@ class FarmScheduler:
         if kind == "ready":
             w.state = "idle"
         elif kind == "assigned":
-            w.server, w.deadline = msg[2], time.time() + self.cfg.timeouts.job
+            w.server, w.deadline = msg[2], time.monotonic() + self.cfg.timeouts.job
         elif kind == "done":
             p, result = w.task, msg[2]
             self.failures[w.server] = 0
@@ -354,7 +354,7 @@ class FarmScheduler:
             return
         if kind == "tracker":
             queue.appendleft(p)  # not the job's fault; bounded by tracker_wait in _refresh
-            self.down_since.setdefault(p.job.tracker, time.time())
+            self.down_since.setdefault(p.job.tracker, time.monotonic())
             return
         if server:
             p.servers.append(server)
@@ -372,7 +372,7 @@ class FarmScheduler:
         self.failures[server] = self.failures.get(server, 0) + (q if hang else 1)
         self._event("failure", f"{server} ({key}): {why}", {"server": server, "key": key})
         if self.failures[server] >= q and server not in self.quarantine:
-            self.quarantine[server] = time.time() + self.cfg.timeouts.quarantine
+            self.quarantine[server] = time.monotonic() + self.cfg.timeouts.quarantine
             self.report.quarantined.append(server)
             port = int(server.rpartition(":")[2])
             self._event(

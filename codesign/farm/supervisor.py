@@ -53,8 +53,8 @@ class _Managed:
     emulated: bool = False
     popen: subprocess.Popen | None = None
     proc: Proc | None = None
-    started: float = 0.0
-    last_seen: float = 0.0  # last time registered on the tracker
+    started: float = 0.0  # time.monotonic(): intervals survive wall-clock steps
+    last_seen: float = 0.0  # last time registered on the tracker (monotonic)
     restarts: int = 0
     health: str = "starting"
     failed: bool = False  # gave up after max_restarts
@@ -67,8 +67,6 @@ class _Managed:
             "port": self.port,
             "emulated": self.emulated,
             "proc": self.proc.to_dict() if self.proc else None,
-            "started": self.started,
-            "last_seen": self.last_seen,
             "restarts": self.restarts,
             "health": self.health,
         }
@@ -138,7 +136,7 @@ class Supervisor:
                 filter(None, [no_torch_path(self.state_dir), os.environ.get("PYTHONPATH")])
             )
         m.popen, m.proc = spawn(m.argv, self.state_dir / "logs" / f"{m.name}.log", env)
-        m.started, m.last_seen, m.health = time.time(), 0.0, "starting"
+        m.started, m.last_seen, m.health = time.monotonic(), 0.0, "starting"
         if why:
             m.restarts += 1
             append_event(
@@ -182,8 +180,8 @@ class Supervisor:
 
     def _wait_tracker(self, timeout: float) -> bool:
         client = TrackerClient(self.cfg.tracker_host, self.cfg.tracker_port, 1.0)
-        end = time.time() + timeout
-        while time.time() < end:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
             if client.ping():
                 return True
             time.sleep(0.2)
@@ -191,7 +189,7 @@ class Supervisor:
 
     # ----------------------------------------------------------------- health
     def check(self) -> None:
-        now = time.time()
+        now = time.monotonic()
         t = self.cfg.timeouts
         self._reload_config()
         client = TrackerClient(self.cfg.tracker_host, self.cfg.tracker_port, t.socket)
@@ -212,7 +210,7 @@ class Supervisor:
                 if self.tracker.failed:  # bounded: give up, and take the servers down too
                     raise SystemExit(1) from None
                 ok = self._wait_tracker(30.0)
-                outage = time.time() - last_ok
+                outage = time.monotonic() - last_ok
                 if ok and outage > t.server_tracker_retry:
                     for m in self.servers.values():
                         self._restart(
@@ -339,9 +337,9 @@ def wait_ready(cfg: FarmConfig, keys: tuple[str, ...] | None = None) -> dict[str
     """Wait until every server (of `keys`) is healthy; FarmError past the register timeout."""
     emulated = any(g.emulated for g in cfg.servers if keys is None or g.key in keys)
     limit = cfg.timeouts.register + 30.0 + (120.0 if emulated else 0.0)
-    end = time.time() + limit
+    end = time.monotonic() + limit
     state = None
-    while time.time() < end:
+    while time.monotonic() < end:
         state = read_state(cfg.state_dir)
         if state:
             servers = [s for s in state["servers"] if keys is None or s["key"] in keys]
@@ -351,7 +349,7 @@ def wait_ready(cfg: FarmConfig, keys: tuple[str, ...] | None = None) -> dict[str
                 and all(s["health"] == "healthy" for s in servers)
             ):
                 return state
-        if state is None and time.time() > end - limit + 20 and not supervisor_proc(cfg.state_dir):
+        if state is None and time.monotonic() > end - limit + 20 and not supervisor_proc(cfg.state_dir):
             break
         time.sleep(0.25)
     log = cfg.state_dir / "logs"
@@ -375,8 +373,8 @@ def stop_farm(state_dir: Path, timeout: float = 20.0) -> int:
             os.kill(sup.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-        end = time.time() + timeout
-        while sup.alive and time.time() < end:
+        end = time.monotonic() + timeout
+        while sup.alive and time.monotonic() < end:
             time.sleep(0.1)
     state = read_state(state_dir) or state
     killed = 0
