@@ -91,6 +91,21 @@ def farm_factory(tmp_path: Path):
 
 
 @pytest.fixture(scope="session")
+def tiny_lut(tmp_path_factory, tiny, x86) -> Path:
+    """A complete untuned LUT of the tiny space on this CPU (39 blocks, quick protocol), built
+    once per session (~90 s). Tests that write to it work on a copy (`shutil.copy`)."""
+    from codesign.lut_build import build_lut
+    from codesign.measurement import MeasureProtocol
+
+    db = tmp_path_factory.mktemp("tiny-lut") / "lut.sqlite"
+    rep = build_lut(
+        tiny, x86, db, protocol=MeasureProtocol(repeat=5, min_repeat_ms=5), progress=False
+    )
+    assert rep.measured == len(tiny.blocks()) and not rep.failed, rep
+    return db
+
+
+@pytest.fixture(scope="session")
 def trained_model_dir(tmp_path_factory) -> Path:
     """A tiny-space network trained 1 epoch on `digits`, saved as a model directory."""
     import torch

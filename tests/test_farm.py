@@ -341,6 +341,36 @@ def test_tuning_through_the_farm(tmp_path: Path, farm_factory, tiny, x86) -> Non
 
 
 @pytest.mark.rpc
+def test_farm_tuning_spends_its_budget_as_local_tuning_does(
+    tmp_path: Path, farm_factory, block_tasks, x86
+) -> None:
+    """Seed schedules first, then MetaSchedule's search, every candidate measured on the farm's
+    server (the farm used to skip the seeds); no popen worker outlives the run."""
+    import psutil
+    from farm_helpers import farm_config
+
+    from codesign.farm.measure import FarmSpec
+    from codesign.farm.tuning import tune_on_farm
+
+    cfg = farm_factory(farm_config(tmp_path / "farm", servers=1))
+    ts, db = block_tasks
+    report = tune_on_farm(ts, x86, db, FarmSpec(cfg.tracker, "x86", cfg), trials_per_task=2)
+    assert report.tuned_tasks == 3 and report.trials == 6
+    for task in ts.tasks:
+        assert db.run_finished(f"seeds:{db.task_hash(task.mod)}")
+        assert 1 <= db.valid_count(task.mod) <= 2  # 1 seed + 1 search trial (minus failures)
+    assert (
+        tune_on_farm(ts, x86, db, FarmSpec(cfg.tracker, "x86", cfg), trials_per_task=2).trials == 0
+    )
+    strays = [
+        p
+        for p in psutil.Process().children(recursive=False)
+        if "popen_worker" in " ".join(p.cmdline())
+    ]
+    assert not strays, "MetaSchedule popen workers outlived the tuning run"
+
+
+@pytest.mark.rpc
 def test_scheduler_spreads_jobs_over_keys(tmp_path: Path, cfg, tiny, x86) -> None:
     """Jobs of two keys (two targets) run side by side, each on its own key's servers; every
     job is reported exactly once."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,16 +22,18 @@ from codesign.lut_build import build_lut
 from codesign.measurement import Measurement, MeasureProtocol
 from codesign.tvm_backend.runner import Runner, run_steady
 
+NETS = 10  # measured networks: the fit needs 8 (a held-out split and 5-fold CV of the rest)
+
 
 @pytest.fixture(scope="module")
-def measured(tmp_path_factory, tiny, x86):
-    """A full untuned tiny LUT and 14 measured networks (quick protocol)."""
+def measured(tmp_path_factory, tiny_lut, tiny, x86):
+    """A full untuned tiny LUT and NETS measured networks (quick protocol)."""
     db = tmp_path_factory.mktemp("latency") / "lut.sqlite"
+    shutil.copy(tiny_lut, db)
     proto = MeasureProtocol(repeat=5, min_repeat_ms=5)
-    build_lut(tiny, x86, db, protocol=proto, progress=False)
-    archs = sample_archs(tiny, 14, seed=0)
+    archs = sample_archs(tiny, NETS, seed=0)
     rep = measure_networks(tiny, x86, db, archs, protocol=proto, progress=False)
-    assert rep.measured == 14 and not rep.failed
+    assert rep.measured == NETS and not rep.failed
     return db, archs
 
 
@@ -131,7 +134,7 @@ def test_expected_is_differentiable_and_matches_lut_sum(measured, tiny, x86) -> 
 def test_fit_save_load_and_provenance_refusal(measured, tiny, x86, tmp_path: Path) -> None:
     db, archs = measured
     model, report = fit_latency_model(db, tiny, x86, test_fraction=0.3, seed=0)
-    assert report.n_train + report.n_test == 14
+    assert report.n_train + report.n_test == NETS
     # the residual form with the lowest cross-validated error wins, "none" (LUT sum) included
     assert set(report.cv_rmspe) == {"diff", "logratio", "none"}
     assert report.cv_rmspe[report.form] == min(report.cv_rmspe.values())
@@ -201,7 +204,7 @@ def test_cli_fit_eval_predict(measured, tmp_path: Path, x86) -> None:
             "--target",
             "x86",
             "--networks",
-            "14",
+            str(NETS),
             "--out",
             str(out),
             "--no-progress",
@@ -215,7 +218,7 @@ def test_cli_fit_eval_predict(measured, tmp_path: Path, x86) -> None:
         timeout=600,
     )
     assert r.returncode == 0, r.stderr
-    assert f"{14 - steady} measured, {steady} reused" in r.stdout and "lut_xgb" in r.stdout
+    assert f"{NETS - steady} measured, {steady} reused" in r.stdout and "lut_xgb" in r.stdout
     r = subprocess.run(
         [*cli, "eval", "--model", str(out), "--db", str(db), "--json"],
         capture_output=True,

@@ -85,12 +85,19 @@ def test_seeds_are_measured_once_and_compute_what_pytorch_computes(
     import_intrinsics()
     mods = [t.mod for t in ts.tasks]
 
-    def seed() -> dict[int, int]:
-        builder = ms.builder.LocalBuilder(f_build=fast_build)
+    def broken_build(mod, target, params):  # noqa: ANN001, ANN202
+        raise RuntimeError("no compiler here")
+
+    def seed(f_build=fast_build) -> dict[int, int]:  # noqa: ANN001
+        builder = ms.builder.LocalBuilder(f_build=f_build)
         return measure_seeds(
             mods, x86, db, per_task=3, builder=builder, runner=fastest_of_repeats()
         )
 
+    # seeds that all failed (a broken build, a farm server gone) are not marked: tried again
+    assert seed(broken_build) == {0: 3, 1: 3, 2: 3}
+    assert all(db.valid_count(m) == 0 for m in mods)
+    assert not any(db.run_finished(f"seeds:{db.task_hash(m)}") for m in mods)
     assert seed() == {0: 3, 1: 3, 2: 3}
     assert all(1 <= db.valid_count(m) <= 3 for m in mods)
     assert seed() == {}  # recorded per task: not measured again

@@ -1,4 +1,4 @@
-"""Tuning budgets: focus trials go where a module spends its time, and a re-run resumes."""
+"""Tuning budgets and workers: focus trials go where a module spends its time, a re-run resumes, workers start without torch."""
 
 from __future__ import annotations
 
@@ -68,3 +68,27 @@ def test_tuning_runner_reports_the_fastest_of_its_repeats(x86) -> None:
     ok, failed = (f.result() for f in fastest_of_repeats(repeats=3, window_ms=5).run([good, bad]))
     assert ok.error_msg is None and len(ok.run_secs) == 1 and 0 < float(ok.run_secs[0]) < 0.01
     assert failed.error_msg and not failed.run_secs
+
+
+def test_tuning_workers_start_without_torch_and_the_environment_is_restored(
+    monkeypatch,
+) -> None:
+    """Processes started inside `without_torch` (MetaSchedule's workers) skip tvm_ffi's torch
+    import; the user's PYTHONPATH is kept and restored."""
+    import os
+    import subprocess
+    import sys
+
+    from codesign.tvm_backend.workers import without_torch
+
+    monkeypatch.setenv("PYTHONPATH", "/somewhere/else")
+    code = (
+        "import sys\ntry:\n    import torch\nexcept ImportError as e:\n    print('no torch', e)\n"
+    )
+    code += "print(sys.path)"
+    with without_torch():
+        inside = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "no torch" in inside.stdout and "/somewhere/else" in inside.stdout
+    assert os.environ["PYTHONPATH"] == "/somewhere/else"
+    after = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "no torch" not in after.stdout

@@ -111,7 +111,7 @@ def register_intrinsics() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
-    from codesign.tvm_backend.tuning import _shallow_inspect_stack, import_intrinsics
+    from codesign.tvm_backend.fast_import import _shallow_inspect_stack, import_intrinsics
 
     import_intrinsics()
     with _shallow_inspect_stack():

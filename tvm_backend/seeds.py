@@ -243,39 +243,42 @@ def measure_seeds(
     from tvm.s_tir.meta_schedule.utils import remove_build_dir
 
     tvm_target = target.tvm_target()
-    todo: list[tuple[Any, Any]] = []  # (task mod, schedule)
+    todo: list[tuple[int, Any]] = []  # (task index, schedule)
     seeded: dict[int, int] = {}
-    keys = []
     for i, mod in enumerate(task_mods):
-        key = f"seeds:{database.task_hash(mod)}"
-        if per_task <= 0 or database.run_finished(key):
+        if per_task <= 0 or database.run_finished(_seeds_key(database, mod)):
             continue
         schedules = seed_schedules(mod, target, per_task, seed + i)
         if schedules:
-            todo += [(mod, sch) for sch in schedules]
+            todo += [(i, sch) for sch in schedules]
             seeded[i] = len(schedules)
-            keys.append(key)
+    valid: dict[int, int] = {}
     for start in range(0, len(todo), batch):
         chunk = todo[start : start + batch]
         built = builder.build([ms.builder.BuilderInput(sch.mod, tvm_target) for _, sch in chunk])
         inputs, kept = [], []
-        for (mod, sch), res in zip(chunk, built, strict=True):
+        for (i, sch), res in zip(chunk, built, strict=True):
             if res.error_msg is None:
                 args = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
                 inputs.append(ms.runner.RunnerInput(res.artifact_path, "cpu", args))
-                kept.append((mod, sch, args))
-        for (mod, sch, args), future in zip(kept, runner.run(inputs), strict=True):
+                kept.append((i, sch, args))
+        for (i, sch, args), future in zip(kept, runner.run(inputs), strict=True):
             res = future.result()
             if res.error_msg is None and res.run_secs:
-                workload = database.commit_workload(mod)
+                workload = database.commit_workload(task_mods[i])
                 database.commit_tuning_record(
                     TuningRecord(sch.trace, workload, res.run_secs, tvm_target, args)
                 )
+                valid[i] = valid.get(i, 0) + 1
         for res in built:
             if res.artifact_path:
                 remove_build_dir(res.artifact_path)
         if on_trials is not None:
             on_trials(len(chunk))
-    for key in keys:
-        database.mark_run_finished(key, per_task)
+    for i in valid:  # a task whose seeds all failed (a farm server lost, say) is seeded again
+        database.mark_run_finished(_seeds_key(database, task_mods[i]), per_task)
     return seeded
+
+
+def _seeds_key(database: Any, task_mod: Any) -> str:
+    return f"seeds:{database.task_hash(task_mod)}"

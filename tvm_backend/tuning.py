@@ -13,19 +13,14 @@ network spends its time: `focus`.
 Traps handled here (see TVM_GUIDE.md §3.1):
 - the stock builder imports `tvm.s_tir.tensor_intrin` in every worker (~22 s, past its 30 s
   timeout), so `fast_build` skips it;
-- the main process must import it (the x86 schedule rules reference its intrinsics); it is slow
-  because every TVMScript `@prim_func` calls `inspect.stack()`, which resolves the source module
-  of every outer frame by scanning `sys.modules` (huge once torch is loaded). `import_intrinsics`
-  imports it with a stack walk that resolves source only where TVMScript reads it (~50 s -> ~5 s);
+- the main process must import it (the x86 schedule rules reference its intrinsics), quickly:
+  `fast_import.import_intrinsics` (~50 s -> ~5 s);
 - the per-task trial cap is always set, so the first task cannot eat the whole budget.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import logging
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,8 +29,10 @@ from typing import Any
 
 from codesign.errors import TuningError
 from codesign.targets import Target
+from codesign.tvm_backend.fast_import import import_intrinsics
 from codesign.tvm_backend.ms_runner import fastest_of_repeats
 from codesign.tvm_backend.seeds import measure_seeds, seed_budget
+from codesign.tvm_backend.workers import tuning_workers
 
 
 def fast_build(mod: Any, target: Any, _params: Any) -> Any:
@@ -44,68 +41,6 @@ def fast_build(mod: Any, target: Any, _params: Any) -> Any:
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
     return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
-
-
-@contextlib.contextmanager
-def _shallow_inspect_stack(depth: int = 3):
-    """Make `inspect.stack()` compute source context for the innermost `depth` frames only.
-
-    TVMScript's `prim_func` uses the stack for frame objects (closure lookup) and reads the
-    source line of frame 2 only (`is_defined_in_class`); the rest of the work is wasted.
-    """
-    original = inspect.stack
-
-    def stack(context: int = 1) -> list[inspect.FrameInfo]:
-        frame = sys._getframe(1)
-        out: list[inspect.FrameInfo] = []
-        while frame is not None:
-            if len(out) < depth:
-                info = inspect.getframeinfo(frame, context)
-                out.append(inspect.FrameInfo(frame, *info, positions=info.positions))
-            else:
-                code = frame.f_code
-                out.append(
-                    inspect.FrameInfo(
-                        frame, code.co_filename, frame.f_lineno, code.co_name, None, None
-                    )
-                )
-            frame = frame.f_back
-        return out
-
-    inspect.stack = stack
-    try:
-        yield
-    finally:
-        inspect.stack = original
-
-
-@contextlib.contextmanager
-def reap_workers():
-    """Kill the TVM popen workers started inside the block when it exits, however it exits:
-    MetaSchedule's builder/runner pools otherwise outlive an interrupted parent as orphans."""
-    import psutil
-
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
-    try:
-        yield
-    finally:
-        for proc in me.children(recursive=True):
-            if proc.pid in before:
-                continue
-            try:
-                if "tvm.exec.popen_worker" in " ".join(proc.cmdline()):
-                    proc.kill()
-            except psutil.Error:
-                pass
-
-
-def import_intrinsics() -> None:
-    """Import `tvm.s_tir.tensor_intrin` (needed by the x86/CUDA schedule rules) quickly."""
-    if "tvm.s_tir.tensor_intrin" in sys.modules:
-        return
-    with _shallow_inspect_stack():
-        import tvm.s_tir.tensor_intrin  # noqa: F401
 
 
 @dataclass
@@ -215,28 +150,20 @@ def tune(
     _quiet_metaschedule()
     import_intrinsics()
     before = sum(database.valid_count(t.mod) for t in todo)
-    builder = ms.builder.LocalBuilder(f_build=fast_build)
-    runner = fastest_of_repeats()
-    with tempfile.TemporaryDirectory(prefix="codesign-tune-") as tmp, reap_workers():
-        wd = work_dir or tmp
-        seeded = measure_seeds(
-            [t.mod for t in todo],
+    with tempfile.TemporaryDirectory(prefix="codesign-tune-") as tmp, tuning_workers():
+        builder = ms.builder.LocalBuilder(f_build=fast_build)
+        runner = fastest_of_repeats()  # its worker starts now: inside tuning_workers
+        seed_then_search(
+            todo,
             target,
             database,
-            per_task=seed_budget(run),
+            run,
+            work_dir=work_dir or tmp,
+            seed=seed,
             builder=builder,
             runner=runner,
-            seed=seed,
             on_trials=on_trials,
         )
-        if on_trials is not None:
-            builder = _counting_builder(builder, on_trials)
-        groups: dict[int, list[Task]] = {}
-        for i, task in enumerate(todo):  # the search gets what the seeds left of each budget
-            groups.setdefault(run - seeded.get(i, 0), []).append(task)
-        for left, tasks in groups.items():
-            if left > 0:
-                _search(tasks, target, left, wd, seed, builder, runner, database)
     after = sum(database.valid_count(t.mod) for t in todo)
     if after == before:
         raise TuningError(
@@ -247,6 +174,41 @@ def tune(
     return TuneReport(
         taskset.unique, len(todo), run * len(todo), after - before, time.time() - start
     )
+
+
+def seed_then_search(
+    todo: list[Task],
+    target: Target,
+    database: Any,
+    trials: int,
+    *,
+    work_dir: str,
+    seed: int,
+    builder: Any,
+    runner: Any,
+    on_trials: Callable[[int], None] | None = None,
+) -> None:
+    """Spend `trials` on each of `todo`: seed schedules first (`seed_budget`, convolutions not
+    seeded yet), then MetaSchedule's search gets what the seeds left of each task's budget.
+    The builder and runner decide where candidates run (locally, or on a device farm)."""
+    seeded = measure_seeds(
+        [t.mod for t in todo],
+        target,
+        database,
+        per_task=seed_budget(trials),
+        builder=builder,
+        runner=runner,
+        seed=seed,
+        on_trials=on_trials,
+    )
+    if on_trials is not None:
+        builder = _counting_builder(builder, on_trials)
+    groups: dict[int, list[Task]] = {}
+    for i, task in enumerate(todo):
+        groups.setdefault(trials - seeded.get(i, 0), []).append(task)
+    for left, tasks in groups.items():
+        if left > 0:
+            _search(tasks, target, left, work_dir, seed, builder, runner, database)
 
 
 def _search(

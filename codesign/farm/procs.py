@@ -128,13 +128,9 @@ def no_torch_path(state_dir: Path) -> str:
     tvm_ffi imports torch if it can (~2 s per process, twice per RPC server: the server and its
     popen_worker); trackers, servers and measurement workers never use it.
     """
-    pkg = state_dir / "no-torch" / "torch"
-    if not (pkg / "__init__.py").exists():
-        pkg.mkdir(parents=True, exist_ok=True)
-        (pkg / "__init__.py").write_text(
-            'raise ImportError("torch is not used by farm processes")\n'
-        )
-    return str(pkg.parent)
+    from codesign.tvm_backend.workers import no_torch_dir
+
+    return no_torch_dir(state_dir / "no-torch")
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

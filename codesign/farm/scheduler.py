@@ -289,7 +289,10 @@ class FarmScheduler:
                 w.conn.send(("job", p.job.id, p.job.payload, tr, key, self.limits, tuple(avoid)))
                 w.state, w.task, w.server = "busy", p, ""
                 w.deadline = (
-                    time.monotonic() + t.socket * (2 + len(avoid)) + t.request * (1 + len(avoid)) + 5
+                    time.monotonic()
+                    + t.socket * (2 + len(avoid))
+                    + t.request * (1 + len(avoid))
+                    + 5
                 )
                 break
 

@@ -349,7 +349,11 @@ def wait_ready(cfg: FarmConfig, keys: tuple[str, ...] | None = None) -> dict[str
                 and all(s["health"] == "healthy" for s in servers)
             ):
                 return state
-        if state is None and time.monotonic() > end - limit + 20 and not supervisor_proc(cfg.state_dir):
+        if (
+            state is None
+            and time.monotonic() > end - limit + 20
+            and not supervisor_proc(cfg.state_dir)
+        ):
             break
         time.sleep(0.25)
     log = cfg.state_dir / "logs"

@@ -11,6 +11,8 @@ failure into a record instead of an exception, and leaves popen workers behind. 
    and MetaSchedule returns);
 4. valid records are counted afterwards (TuningError if none), and popen workers that outlived
    the run are killed by PID.
+The budget is spent as in local tuning (`seed_then_search`: seed schedules, then MetaSchedule's
+search, int8 tasks in their tensorizing design space); only where candidates run differs.
 Candidates are built here and exported as shared libraries (cross-compiled for ARM: the
 emulated runtime-only server has no compiler to link MetaSchedule's default .tar).
 """
@@ -34,12 +36,12 @@ from codesign.targets import Target
 from codesign.tvm_backend.tuning import (
     TaskSet,
     TuneReport,
-    _counting_builder,
     _quiet_metaschedule,
-    _strategy,
     fast_build,
     import_intrinsics,
+    seed_then_search,
 )
+from codesign.tvm_backend.workers import without_torch
 
 
 def export_so(mod: Any, cross_cc: str | None) -> str:
@@ -184,11 +186,6 @@ def tune_on_farm(
 
     stop = threading.Event()
     runner = _guarded_runner(make_inner, farm, stop)
-    builder = ms.builder.LocalBuilder(
-        f_build=fast_build, f_export=functools.partial(export_so, cross_cc=target.cross_cc)
-    )
-    if on_trials is not None:
-        builder = _counting_builder(builder, on_trials)
     limit = watchdog_s or (cfg.timeouts.job * trials_per_task * len(todo) + 600.0)
     watchdog = threading.Timer(limit, stop.set)
     watchdog.daemon = True
@@ -196,22 +193,23 @@ def tune_on_farm(
     before = sum(database.valid_count(t.mod) for t in todo)
     watchdog.start()
     try:
-        with tempfile.TemporaryDirectory(prefix="codesign-tune-") as wd:
-            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                [t.extracted for t in todo], wd, strategy=_strategy(trials_per_task), seed=seed
+        with tempfile.TemporaryDirectory(prefix="codesign-tune-") as wd, without_torch():
+            builder = ms.builder.LocalBuilder(  # checks its functions in workers: start them here
+                f_build=fast_build, f_export=functools.partial(export_so, cross_cc=target.cross_cc)
             )
-            ms.tune.tune_tasks(
-                tasks=contexts,
-                task_weights=[float(w) for w in weights],
+            seed_then_search(
+                todo,
+                target,
+                database,
+                trials_per_task,
                 work_dir=wd,
-                max_trials_global=trials_per_task * len(todo),
-                max_trials_per_task=trials_per_task,
-                num_trials_per_iter=max(1, min(trials_per_task, 32)),
+                seed=seed,
                 builder=builder,
                 runner=runner,
-                database=database,
-                cost_model="xgb",
+                on_trials=on_trials,
             )
+    except TuningError as err:
+        raise TuningError(f"on the farm ({farm.key}@{farm.tracker}): {err}") from err
     except Exception as err:
         raise TuningError(
             f"MetaSchedule tuning on {farm.key}@{farm.tracker} failed: {err}"
