@@ -213,29 +213,54 @@ def _read_cifar(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str], str,
     return x, y, classes, f"cifar10:{path}", val
 
 
+def image_folder_classes(path: Path) -> list[str]:
+    """The class sub-folders of an image folder dataset (at least two), checked without reading
+    any image."""
+    try:
+        classes = sorted(p.name for p in Path(path).iterdir() if p.is_dir())
+    except OSError as err:
+        raise DatasetError(f"cannot read the dataset folder {path}: {err}") from None
+    if len(classes) < 2:
+        raise DatasetError(
+            f"{path}: an image folder needs at least two class sub-folders "
+            f"(ROOT/<class>/*.png), found {len(classes)}"
+        )
+    return classes
+
+
 def _read_folder(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str], str, Any]:
     from PIL import Image
 
-    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
-    if len(classes) < 2:
-        raise DatasetError(f"{path}: an image folder needs at least two class sub-folders")
-    files = [
-        (f, i)
-        for i, c in enumerate(classes)
-        for f in sorted((path / c).iterdir())
-        if f.suffix.lower() in _IMAGE_EXT
-    ]
+    classes = image_folder_classes(path)
+    try:
+        files = [
+            (f, i)
+            for i, c in enumerate(classes)
+            for f in sorted((path / c).iterdir())
+            if f.suffix.lower() in _IMAGE_EXT
+        ]
+    except OSError as err:
+        raise DatasetError(f"cannot list the class folders of {path}: {err}") from None
     if not files:
         raise DatasetError(f"{path}: no images ({', '.join(sorted(_IMAGE_EXT))}) in class folders")
-    first = Image.open(files[0][0])
+
+    def open_image(f: Path) -> Any:
+        try:
+            img = Image.open(f)
+            img.load()
+            return img
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise DatasetError(
+                f"cannot read image {f}: {err}. Remove or replace the file (every "
+                f"{'/'.join(sorted(_IMAGE_EXT))} file in a class folder is read as an image)"
+            ) from None
+
+    first = open_image(files[0][0])
     mode = "L" if first.mode in ("L", "1", "I", "I;16") else "RGB"
     size = first.size
     arrays = []
     for f, _ in files:
-        try:
-            img = Image.open(f).convert(mode)
-        except OSError as err:
-            raise DatasetError(f"cannot read image {f}: {err}") from None
+        img = open_image(f).convert(mode)
         if img.size != size:
             img = img.resize(size, Image.BILINEAR)
         a = np.asarray(img, dtype=np.float32)

@@ -189,6 +189,10 @@ def compile_artifact(
     options: CompileOptions | None = None,
 ) -> CompileReport:
     """Compile the model in `model_dir` for `target` into the archive `out` (see module doc)."""
+    if Path(out).is_dir():  # refused before minutes of compiling, not after
+        raise ArtifactError(
+            f"output {out} is a directory; give the archive's file name, e.g. {Path(out) / 'model.tar'}"
+        )
     import tvm
     import tvm_ffi
 

@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from codesign.cli.argtypes import non_negative_int, positive_float, positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -23,14 +25,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="archive to write (.tar, or .tar.gz/.tgz)")
     p.add_argument(
         "--tune-trials",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="MetaSchedule trials per unique task of the network (default 0: no tuning); "
         "records go to --tuning-db, else OUT.tuning.sqlite (re-running resumes)",
     )
     p.add_argument(
         "--focus-trials",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="extra trials after --tune-trials, split over the tasks in proportion to their "
         "estimated share of the network's time (the few kernels that dominate it)",
@@ -41,17 +43,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="LUT file whose tuning records are applied: the artifact uses exactly the "
         "records the LUT was measured with",
     )
-    p.add_argument("--repeat", type=int, default=10, help="timed samples (default 10)")
-    p.add_argument("--min-repeat-ms", type=int, default=50, help="ms per sample (default 50)")
+    p.add_argument("--repeat", type=positive_int, default=10, help="timed samples (default 10)")
+    p.add_argument(
+        "--min-repeat-ms", type=non_negative_int, default=50, help="ms per sample (default 50)"
+    )
     p.add_argument(
         "--check-inputs",
-        type=int,
+        type=positive_int,
         default=8,
         help="validation inputs for the equality check with PyTorch (default 8)",
     )
     p.add_argument(
         "--val-limit",
-        type=int,
+        type=non_negative_int,
         default=None,
         help="validation images for the accuracy (default: all; 0: skip the accuracy)",
     )
@@ -67,7 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="record that the remote device is an emulator (its timing is not real)",
     )
-    p.add_argument("--rpc-timeout", type=float, default=60.0, help="seconds to get a server")
+    p.add_argument(
+        "--rpc-timeout", type=positive_float, default=60.0, help="seconds to get a server"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress output")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=_compile)
@@ -93,10 +99,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--rpc-key", default=None, help="run on an RPC server of this key")
     p.add_argument("--tracker", default=None, help="RPC tracker HOST:PORT")
-    p.add_argument("--rpc-timeout", type=float, default=60.0, help="seconds to get a server")
-    p.add_argument("--top", type=int, default=5, help="classes to print (default 5)")
-    p.add_argument("--repeat", type=int, default=10, help="timed samples (default 10)")
-    p.add_argument("--min-repeat-ms", type=int, default=50, help="ms per sample (default 50)")
+    p.add_argument(
+        "--rpc-timeout", type=positive_float, default=60.0, help="seconds to get a server"
+    )
+    p.add_argument("--top", type=positive_int, default=5, help="classes to print (default 5)")
+    p.add_argument("--repeat", type=positive_int, default=10, help="timed samples (default 10)")
+    p.add_argument(
+        "--min-repeat-ms", type=non_negative_int, default=50, help="ms per sample (default 50)"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_run)
 
@@ -143,10 +153,62 @@ def _summary(m: Any, path: str) -> list[str]:
     return lines
 
 
+def _check_out(out: str) -> None:
+    """Refuse an --out that cannot be written, before minutes of compiling."""
+    from codesign.errors import ArtifactError
+
+    path = Path(out)
+    if path.is_dir():
+        raise ArtifactError(
+            f"--out {out} is a directory; give the archive's file name, e.g. {path / 'model.tar'}"
+        )
+
+
+def _check_input(text: str) -> None:
+    """Refuse an input file that cannot be read, in milliseconds (before TVM is imported)."""
+    from codesign.artifact.predictor import IMAGE_SUFFIXES
+    from codesign.errors import InputError
+
+    path = Path(text)
+    if not path.exists():
+        raise InputError(f"input file {text} does not exist")
+    if not path.is_file():
+        raise InputError(f"input {text} is not a file; give a .npy array or an image file")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        import numpy as np
+
+        try:
+            np.load(path, allow_pickle=False)
+        except (EOFError, OSError, ValueError) as err:
+            why = "empty file" if path.stat().st_size == 0 else f"{type(err).__name__}: {err}"
+            raise InputError(
+                f"{text} is not a readable .npy array ({why}); write one with numpy.save"
+            ) from None
+    elif suffix in IMAGE_SUFFIXES:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except Exception as err:  # noqa: BLE001 - PIL raises many types for a damaged file
+            raise InputError(
+                f"{text} is not a readable image ({type(err).__name__}: {err}); give a valid "
+                "image file or a preprocessed .npy array"
+            ) from None
+    else:
+        raise InputError(
+            f"{text}: give a .npy array (preprocessed input) or an image "
+            f"({', '.join(IMAGE_SUFFIXES)})"
+        )
+
+
 def _compile(args: argparse.Namespace) -> int:
     from codesign.artifact.pack import CompileOptions, compile_artifact
     from codesign.errors import ArtifactError
     from codesign.measurement import MeasureProtocol
+
+    _check_out(args.out)
 
     if min(args.tune_trials, args.focus_trials, args.min_repeat_ms) < 0 or args.repeat < 1:
         raise ArtifactError(
@@ -199,6 +261,7 @@ def _run(args: argparse.Namespace) -> int:
     from codesign.errors import ArtifactError
     from codesign.measurement import MeasureProtocol
 
+    _check_input(args.input)
     session = None
     where_remote = args.rpc_key or args.tracker
     if where_remote:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from codesign.cli.argtypes import non_negative_int, positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     lat = sub.add_parser("latency", help="fit and evaluate whole-network latency models")
@@ -16,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", required=True)
     p.add_argument(
         "--networks",
-        type=int,
+        type=positive_int,
         required=True,
         help="sampled networks to measure (already measured ones are reused)",
     )
@@ -29,12 +31,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--trials",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="tuned mode: trials per task for tasks the records lack",
     )
-    p.add_argument("--repeat", type=int, default=10, help="timed samples per network")
-    p.add_argument("--min-repeat-ms", type=int, default=50, help="minimum ms per sample")
+    p.add_argument("--repeat", type=positive_int, default=10, help="timed samples per network")
+    p.add_argument(
+        "--min-repeat-ms", type=non_negative_int, default=50, help="minimum ms per sample"
+    )
     p.add_argument("--test-fraction", type=float, default=0.33)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")

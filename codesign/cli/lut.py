@@ -6,6 +6,8 @@ import argparse
 import json
 import math
 
+from codesign.cli.argtypes import non_negative_int, positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     lut = sub.add_parser("lut", help="build and inspect latency lookup tables")
@@ -17,14 +19,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--db", required=True, help="LUT file (SQLite); created if missing")
     p.add_argument(
         "--trials",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="MetaSchedule trials per unique tuning task (default 0: untuned)",
     )
-    p.add_argument("--repeat", type=int, default=10, help="timed samples per block (default 10)")
+    p.add_argument(
+        "--repeat", type=positive_int, default=10, help="timed samples per block (default 10)"
+    )
     p.add_argument(
         "--min-repeat-ms",
-        type=int,
+        type=non_negative_int,
         default=50,
         help="minimum duration of one sample in ms (default 50)",
     )
@@ -34,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="flush CPU caches before every timed run (weights passed as inputs)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for weights, inputs and tuning")
-    p.add_argument("--limit", type=int, default=None, help="only the first N blocks")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N blocks")
     p.add_argument("--json", action="store_true", help="print the build report as JSON")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_build)

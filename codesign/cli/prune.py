@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from codesign.cli.argtypes import non_negative_int, positive_float, positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -16,10 +18,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="model directory (model.json + weights.pt)")
     p.add_argument("--target", required=True, help="target spec, e.g. x86")
-    p.add_argument("--latency-ms", type=float, required=True, help="latency budget in ms")
+    p.add_argument("--latency-ms", type=positive_float, required=True, help="latency budget in ms")
     p.add_argument("--dataset", required=True, help="mnist5k, digits, or a dataset path")
     p.add_argument("--out", required=True, help="output model directory (also holds checkpoints)")
-    p.add_argument("--episodes", type=int, default=300, help="search episodes (default 300)")
+    p.add_argument(
+        "--episodes", type=positive_int, default=300, help="search episodes (default 300)"
+    )
     p.add_argument("--db", default=None, help="latency table (LUT) file of the target")
     p.add_argument("--latency-model", default=None, help="fitted latency model (JSON)")
     p.add_argument(
@@ -31,29 +35,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--trials",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="tuned LUTs: MetaSchedule trials per task for new block shapes (with --db)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--warmup", type=int, default=20, help="random episodes before learning")
+    p.add_argument(
+        "--warmup", type=non_negative_int, default=20, help="random episodes before learning"
+    )
     p.add_argument("--lbound", type=float, default=0.2, help="smallest kept ratio per unit")
-    p.add_argument("--divisor", type=int, default=4, help="kept channels are multiples of this")
+    p.add_argument(
+        "--divisor", type=positive_int, default=4, help="kept channels are multiples of this"
+    )
     p.add_argument(
         "--mid-only",
         action="store_true",
         help="prune only expanded channels, not block outputs (shortcut groups)",
     )
     p.add_argument("--reward", choices=("acc", "error_log_latency"), default="acc")
-    p.add_argument("--reward-images", type=int, default=1000, help="training images per reward")
+    p.add_argument(
+        "--reward-images", type=positive_int, default=1000, help="training images per reward"
+    )
     p.add_argument(
         "--reconstruct", action="store_true", help="least-squares refit of the next layer"
     )
-    p.add_argument("--finetune-epochs", type=int, default=5)
+    p.add_argument("--finetune-epochs", type=non_negative_int, default=5)
     p.add_argument("--finetune-lr", type=float, default=0.01)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--repeat", type=int, default=10, help="timed samples per network")
-    p.add_argument("--min-repeat-ms", type=int, default=50)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--repeat", type=positive_int, default=10, help="timed samples per network")
+    p.add_argument("--min-repeat-ms", type=non_negative_int, default=50)
     p.add_argument(
         "--no-measure",
         action="store_true",
@@ -65,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="do not compile OUT into OUT/model.tar (`codesign compile --model OUT` does it later)",
     )
-    p.add_argument("--torch-threads", type=int, default=None, help="PyTorch CPU threads")
+    p.add_argument("--torch-threads", type=positive_int, default=None, help="PyTorch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_prune)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from codesign.cli.argtypes import non_negative_int, positive_float, positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -15,21 +17,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="model directory (model.json + weights.pt)")
     p.add_argument("--target", required=True, help="target spec (see `codesign targets`)")
     budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--latency-ms", type=float, help="latency budget (ms, from the LUT)")
-    budget.add_argument("--size-mb", type=float, help="model size budget (MiB, exact)")
+    budget.add_argument(
+        "--latency-ms", type=positive_float, help="latency budget (ms, from the LUT)"
+    )
+    budget.add_argument("--size-mb", type=positive_float, help="model size budget (MiB, exact)")
     p.add_argument("--dataset", required=True, help="mnist5k | digits | PATH (fine-tune, reward)")
     p.add_argument("--out", required=True, help="output directory (re-run to resume)")
-    p.add_argument("--episodes", type=int, default=60, help="search episodes (default 60)")
-    p.add_argument("--warmup", type=int, default=20, help="random warm-up episodes (default 20)")
+    p.add_argument("--episodes", type=positive_int, default=60, help="search episodes (default 60)")
+    p.add_argument(
+        "--warmup", type=non_negative_int, default=20, help="random warm-up episodes (default 20)"
+    )
     p.add_argument(
         "--trials",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="MetaSchedule trials per task for the LUT and the module (default 0: untuned)",
     )
-    p.add_argument("--qat-images", type=int, default=1000, help="fine-tune images per episode")
-    p.add_argument("--final-qat-images", type=int, default=4000, help="final fine-tune images")
-    p.add_argument("--val-images", type=int, default=500, help="validation images for rewards")
+    p.add_argument(
+        "--qat-images", type=positive_int, default=1000, help="fine-tune images per episode"
+    )
+    p.add_argument(
+        "--final-qat-images", type=positive_int, default=4000, help="final fine-tune images"
+    )
+    p.add_argument(
+        "--val-images", type=positive_int, default=500, help="validation images for rewards"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from codesign.cli.argtypes import non_negative_int, positive_float, positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -17,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--space", required=True, help="search space (see `codesign spaces`)")
     p.add_argument("--target", required=True, help="target spec, e.g. x86 or x86:threads=1")
-    p.add_argument("--latency-ms", type=float, required=True, help="latency target in ms")
+    p.add_argument("--latency-ms", type=positive_float, required=True, help="latency target in ms")
     p.add_argument(
         "--dataset",
         default="mnist5k",
@@ -25,10 +27,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="output directory (resumable)")
     p.add_argument("--strategy", choices=("proxyless", "evolution"), default="proxyless")
-    p.add_argument("--epochs", type=int, default=10, help="supernet training epochs")
-    p.add_argument("--warmup-epochs", type=int, default=None, help="default: epochs // 4")
+    p.add_argument("--epochs", type=positive_int, default=10, help="supernet training epochs")
     p.add_argument(
-        "--retrain-epochs", type=int, default=None, help="default: --epochs; 0: no retraining"
+        "--warmup-epochs", type=non_negative_int, default=None, help="default: epochs // 4"
+    )
+    p.add_argument(
+        "--retrain-epochs",
+        type=non_negative_int,
+        default=None,
+        help="default: --epochs; 0: no retraining",
     )
     p.add_argument("--db", default=None, help="LUT file (default OUT/lut.sqlite; built if needed)")
     p.add_argument(
@@ -42,17 +49,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="mul: 0.2*CE*(log E/log T)^0.3 (ProxylessNAS); add: CE + 0.5*(E/T - 1); "
         "hinge: CE + 0.5*max(E/T - 1, 0) (only latency over the target costs)",
     )
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--lr", type=float, default=0.05, help="weight learning rate")
     p.add_argument("--arch-lr", type=float, default=0.01, help="architecture learning rate")
-    p.add_argument("--population", type=int, default=24, help="evolution population")
-    p.add_argument("--generations", type=int, default=8, help="evolution generations")
-    p.add_argument("--repeat", type=int, default=10, help="timed samples per measurement")
-    p.add_argument("--min-repeat-ms", type=int, default=50, help="minimum ms per sample")
+    p.add_argument("--population", type=positive_int, default=24, help="evolution population")
+    p.add_argument("--generations", type=positive_int, default=8, help="evolution generations")
+    p.add_argument("--repeat", type=positive_int, default=10, help="timed samples per measurement")
+    p.add_argument(
+        "--min-repeat-ms", type=non_negative_int, default=50, help="minimum ms per sample"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--torch-threads",
-        type=int,
+        type=positive_int,
         default=None,
         help="PyTorch threads for training (default: PyTorch's; 1 is faster on a busy machine)",
     )

@@ -1,0 +1,118 @@
+"""Ordinary mistakes are refused at once with a one-line message and exit code 2, never a
+traceback, and before any slow work (TVM import, compiling, measuring)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from codesign.cli.main import main
+
+
+def _main(capsys, *argv: str) -> tuple[int, str]:
+    """Exit code and stderr of the CLI run in this process (argparse exits are caught)."""
+    try:
+        rc = main(list(argv))
+    except SystemExit as exc:
+        rc = exc.code
+    return rc, capsys.readouterr().err
+
+
+def _image_folder(root: Path, n: int = 6) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            arr = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / cls / f"{i}.png")
+    return root
+
+
+def test_run_refuses_an_empty_npy_input(tmp_path: Path, capsys) -> None:
+    (tmp_path / "empty.npy").write_bytes(b"")
+    (tmp_path / "junk.npy").write_bytes(b"not numpy at all")
+    for name in ("empty.npy", "junk.npy"):
+        rc, err = _main(capsys, "run", str(tmp_path / "m.tar"), "--input", str(tmp_path / name))
+        assert rc == 2, err
+        assert f"{name} is not a readable .npy array" in err and "numpy.save" in err
+        assert "Traceback" not in err
+    rc, err = _main(capsys, "run", "m.tar", "--input", str(tmp_path / "empty.npy"))
+    assert "empty file" in err
+
+
+def test_run_refuses_a_damaged_image_input(tmp_path: Path, capsys) -> None:
+    (tmp_path / "x.png").write_text("hello")
+    rc, err = _main(capsys, "run", str(tmp_path / "m.tar"), "--input", str(tmp_path / "x.png"))
+    assert rc == 2 and "x.png is not a readable image" in err
+
+
+def test_run_refuses_a_missing_input_without_importing_tvm(tmp_path: Path) -> None:
+    code = (
+        "import sys; from codesign.cli.main import main; "
+        f"rc = main(['run', {str(tmp_path / 'm.tar')!r}, '--input', 'missing.png']); "
+        "print(rc, 'tvm' in sys.modules, 'torch' in sys.modules)"
+    )
+    t0 = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert out.stdout.split() == ["2", "False", "False"], out.stderr
+    assert "input file missing.png does not exist" in out.stderr
+    assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "m.tar", "--input", "x.npy", "--repeat", "0"],
+        ["lut", "build", "--space", "tiny", "--target", "x86", "--db", "X", "--repeat", "0"],
+        ["lut", "build", "--space", "tiny", "--target", "x86", "--db", "X", "--repeat", "two"],
+        ["compile", "--model", "M", "--target", "x86", "--out", "o.tar", "--repeat", "-3"],
+        ["lut", "build", "--space", "tiny", "--target", "x86", "--db", "X", "--trials", "-1"],
+        ["run", "m.tar", "--input", "x.npy", "--rpc-timeout", "0"],
+    ],
+)
+def test_counts_out_of_range_are_refused_by_the_parser(argv: list[str], capsys) -> None:
+    rc, err = _main(capsys, *argv)
+    assert rc == 2 and "error: argument --" in err and "Traceback" not in err
+    assert "give 1 or more" in err or "give 0 or more" in err or "> 0" in err
+
+
+def test_compile_refuses_an_existing_directory_as_out_before_compiling(
+    tiny, tmp_path: Path, capsys
+) -> None:
+    from codesign.model_dir import ModelDir, save_model
+    from codesign.modules import build_network
+
+    arch = tiny.uniform("k3e3")
+    net = build_network(tiny, arch, seed=0)
+    save_model(tmp_path / "m", net, ModelDir(tuple(net.specs), arch=arch.encode(), space="tiny"))
+    (tmp_path / "out").mkdir()
+    t0 = time.monotonic()
+    rc, err = _main(
+        capsys, "compile", "--model", str(tmp_path / "m"), "--target", "x86",
+        "--out", str(tmp_path / "out"), "--no-progress",
+    )  # fmt: skip
+    assert rc == 2 and "is a directory" in err and "model.tar" in err
+    assert time.monotonic() - t0 < 5
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_non_image_file_in_a_class_folder_is_named(tmp_path: Path) -> None:
+    from codesign.data import DatasetError, load_dataset
+
+    root = _image_folder(tmp_path / "imgs")
+    (root / "a" / "0.png").write_text("not an image")  # the very first file read
+    with pytest.raises(DatasetError, match=r"cannot read image .*a/0\.png"):
+        load_dataset(str(root), (3, 8, 8))
+    (root / "a" / "0.png").unlink()
+    (root / "b" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # a later, truncated one
+    with pytest.raises(DatasetError, match=r"b/3\.png"):
+        load_dataset(str(root), (3, 8, 8))
