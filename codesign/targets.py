@@ -17,6 +17,7 @@ the environment variable CODESIGN_X86_MCPU.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 import json
@@ -135,6 +136,44 @@ def _cuda_arch() -> str:
     return "sm_80"
 
 
+# CUDA compute capabilities of real GPUs (nvcc's -arch names; "a" = arch-specific features).
+CUDA_ARCHS = (
+    "sm_50", "sm_52", "sm_53", "sm_60", "sm_61", "sm_62", "sm_70", "sm_72", "sm_75", "sm_80",
+    "sm_86", "sm_87", "sm_89", "sm_90", "sm_90a", "sm_100", "sm_100a", "sm_101", "sm_101a",
+    "sm_103", "sm_103a", "sm_110", "sm_110a", "sm_120", "sm_120a", "sm_121", "sm_121a",
+)  # fmt: skip
+
+_TRIPLES = {"x86": None, "arm": "aarch64-linux-gnu"}
+
+
+@functools.cache
+def llvm_cpus(name: str) -> tuple[str, ...]:
+    """CPU names this TVM's LLVM accepts for target `name` ('x86' or 'arm'); () if unknown."""
+    import tvm
+    from tvm.target import codegen
+
+    d: dict[str, Any] = {"kind": "llvm"}
+    if _TRIPLES[name]:
+        d["mtriple"] = _TRIPLES[name]
+    try:
+        return tuple(sorted(str(c) for c in codegen.llvm_get_cpu_archlist(tvm.target.Target(d))))
+    except Exception:  # noqa: BLE001 - a TVM without LLVM: nothing to check against
+        return ()
+
+
+def _check_mcpu(name: str, mcpu: str) -> None:
+    """Refuse an mcpu LLVM does not know (LLVM itself only warns and compiles generic code)."""
+    cpus = llvm_cpus(name)
+    if not cpus or mcpu in cpus:
+        return
+    close = difflib.get_close_matches(mcpu, cpus, n=4)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise TargetError(
+        f"mcpu={mcpu!r} is not a CPU LLVM knows for {name}; {hint}list the valid names with "
+        f"`codesign targets --cpus {name}`"
+    )
+
+
 def _positive_int(name: str, value: str) -> int:
     if not re.fullmatch(r"[1-9]\d*", value):
         raise TargetError(f"target option {name}={value!r} must be a positive integer")
@@ -166,21 +205,31 @@ def parse_target(spec: str | Target) -> Target:
     options = tuple(sorted(opts.items()))
     if name == "x86":
         threads = _positive_int("threads", opts["threads"]) if "threads" in opts else host_threads()
+        if "mcpu" in opts:
+            _check_mcpu("x86", opts["mcpu"])
         d = {"kind": "llvm", "mcpu": opts.get("mcpu") or host_cpu(), "num-cores": threads}
         return Target("x86", _canonical(d), "cpu", threads, options=options)
     if name == "cuda":
         arch = opts.get("arch") or _cuda_arch()
         if not re.fullmatch(r"sm_\d+[a-z]?", arch):
             raise TargetError(f"cuda arch {arch!r} must look like sm_80")
+        if "arch" in opts and arch not in CUDA_ARCHS:
+            raise TargetError(
+                f"cuda arch {arch!r} is not a real GPU architecture; known: {', '.join(CUDA_ARCHS)} "
+                "(`nvidia-smi --query-gpu=compute_cap --format=csv` gives a GPU's, e.g. 8.6 = sm_86)"
+            )
         d = {"kind": "cuda", "arch": arch}
         return Target("cuda", _canonical(d), "cuda", 1, options=options)
     threads = _positive_int("threads", opts["threads"]) if "threads" in opts else 4
     d = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "num-cores": threads}
     if "mcpu" in opts:
+        _check_mcpu("arm", opts["mcpu"])
         d["mcpu"] = opts["mcpu"]
     tracker = opts.get("tracker", "127.0.0.1:9190")
     if not re.fullmatch(r"[\w.-]+:\d+", tracker):
         raise TargetError(f"tracker {tracker!r} must look like HOST:PORT")
+    if not 1 <= int(tracker.rpartition(":")[2]) <= 65535:
+        raise TargetError(f"tracker {tracker!r}: the port must be between 1 and 65535")
     return Target(
         "arm",
         _canonical(d),

@@ -116,3 +116,46 @@ def test_a_non_image_file_in_a_class_folder_is_named(tmp_path: Path) -> None:
     (root / "b" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # a later, truncated one
     with pytest.raises(DatasetError, match=r"b/3\.png"):
         load_dataset(str(root), (3, 8, 8))
+
+
+@pytest.mark.parametrize(
+    ("spec", "msg"),
+    [
+        ("x86:mcpu=notacpu", "codesign targets --cpus x86"),
+        ("x86:mcpu=znver33", "did you mean znver3"),
+        ("arm:mcpu=cortex-a999", "codesign targets --cpus arm"),
+        ("cuda:arch=sm_999", "not a real GPU architecture"),
+        ("arm:tracker=127.0.0.1:99999", "between 1 and 65535"),
+        ("arm:tracker=127.0.0.1:0", "between 1 and 65535"),
+    ],
+)
+def test_target_typos_are_refused(spec: str, msg: str) -> None:
+    from codesign.errors import TargetError
+    from codesign.targets import parse_target
+
+    with pytest.raises(TargetError, match=msg):
+        parse_target(spec)
+
+
+def test_valid_target_options_still_parse(capsys) -> None:
+    from codesign.targets import parse_target
+
+    assert parse_target("x86:mcpu=skylake-avx512").tvm_dict["mcpu"] == "skylake-avx512"
+    assert parse_target("arm:mcpu=cortex-a72,tracker=h:65535").tracker == "h:65535"
+    assert parse_target("cuda:arch=sm_86").key == "cuda-sm_86"
+    assert main(["targets", "--cpus", "x86"]) == 0
+    assert "znver3" in capsys.readouterr().out.split()
+    assert main(["targets", "--cpus", "arm"]) == 0
+    assert "cortex-a72" in capsys.readouterr().out.split()
+
+
+def test_compile_for_cuda_without_a_gpu_advises_no_device(tmp_path: Path, capsys) -> None:
+    import tvm
+
+    if tvm.cuda(0).exist:
+        pytest.skip("this machine has a CUDA device")
+    rc, err = _main(
+        capsys, "compile", "--model", str(tmp_path / "m"), "--target", "cuda:arch=sm_80",
+        "--out", str(tmp_path / "m.tar"), "--no-progress",
+    )  # fmt: skip
+    assert rc == 2 and "--no-device" in err and "no CUDA device" in err

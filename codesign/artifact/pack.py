@@ -203,6 +203,12 @@ def compile_artifact(
 
     opts = options or CompileOptions()
     target, out = parse_target(target), Path(out)
+    if target.device == "cuda" and opts.device_check and not tvm.cuda(0).exist:
+        raise ArtifactError(
+            f"no CUDA device on this machine to check and time the {target.key} build; compile "
+            "with --no-device (outputs checked on a host build of the same module, no latency "
+            "recorded), or run on a machine with the GPU"
+        )
     if min(opts.tune_trials, opts.focus_trials) < 0 or opts.check_inputs < 1:
         raise ArtifactError("--tune-trials and --focus-trials must be >= 0, --check-inputs >= 1")
     seconds: dict[str, float] = {}

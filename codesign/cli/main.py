@@ -13,8 +13,12 @@ from codesign.errors import CodesignError
 
 
 def _cmd_targets(args: argparse.Namespace) -> int:
-    from codesign.targets import known_targets, parse_target
+    from codesign.targets import known_targets, llvm_cpus, parse_target
 
+    if args.cpus:
+        cpus = llvm_cpus(args.cpus)
+        print(json.dumps(list(cpus)) if args.json else "\n".join(cpus))
+        return 0
     targets = [parse_target(t) for t in args.target] if args.target else known_targets()
     if args.json:
         print(json.dumps([t.to_dict() for t in targets], indent=2))
@@ -87,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("targets", help="list known hardware targets with their TVM target JSON")
     p.add_argument("target", nargs="*", help="target specs to resolve (default: all known)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--cpus",
+        choices=("x86", "arm"),
+        default=None,
+        help="list the mcpu names this TVM's LLVM accepts for the x86 or arm target",
+    )
     p.set_defaults(func=_cmd_targets)
 
     p = sub.add_parser("spaces", help="list registered search spaces")
