@@ -159,3 +159,48 @@ def test_compile_for_cuda_without_a_gpu_advises_no_device(tmp_path: Path, capsys
         "--out", str(tmp_path / "m.tar"), "--no-progress",
     )  # fmt: skip
     assert rc == 2 and "--no-device" in err and "no CUDA device" in err
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"search": {"baselines": ["k9e9"]}}, r"baselines 'k9e9' are not operations.*k3e3"),
+        ({"search": {"epochs": 0}}, r"search\.epochs must be >= 1"),
+        ({"search": {"epochs": "six"}}, r"\[search\] epochs must be an integer, got 'six'"),
+        ({"search": {"epochs": 2.5}}, r"\[search\] epochs must be an integer"),
+        ({"lut": {"repeat": True}}, r"\[lut\] repeat must be an integer"),
+        ({"target": {"latency_ms": "fast"}}, r"\[target\] latency_ms must be a number"),
+        ({"search": {"baselines": [3]}}, r"\[search\] baselines must be a list of strings"),
+        ({"task": {"dataset": "no/such/dir"}}, r"dataset 'no/such/dir' is not one of"),
+        ({"target": {"targets": ["x86:mcpu=notacpu"]}}, r"\[target\] targets: mcpu='notacpu'"),
+    ],
+)
+def test_pipeline_config_is_validated_whole(data: dict, match: str) -> None:
+    from codesign.pipeline.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match=match):
+        from_dict(data)
+
+
+def test_pipeline_config_dataset_folder_needs_two_classes(tmp_path: Path) -> None:
+    from codesign.pipeline.config import ConfigError, from_dict
+
+    (tmp_path / "only").mkdir()
+    with pytest.raises(ConfigError, match="at least two class sub-folders"):
+        from_dict({"task": {"dataset": str(tmp_path)}})
+    (tmp_path / "other").mkdir()
+    assert from_dict({"task": {"dataset": str(tmp_path)}}).task.dataset == str(tmp_path)
+
+
+def test_pipeline_refuses_a_bad_config_within_two_seconds(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[search]\nepochs = "six"\n')
+    t0 = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "codesign.cli.main", "pipeline", "--config", str(cfg), "--out",
+         str(tmp_path / "out"), "--no-progress"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2 and "epochs must be an integer" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "out").exists()
+    assert time.monotonic() - t0 < 2.5

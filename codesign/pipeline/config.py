@@ -99,12 +99,21 @@ class PipelineConfig:
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
     def validate(self) -> PipelineConfig:
+        """Check every key's type and value and every reference (space, baselines, dataset,
+        targets) before any work: cheap checks first, the target (which may load TVM) last."""
         from codesign.search.space import get_space
         from codesign.targets import parse_target
 
-        get_space(self.task.space)
-        for t in self.target.targets:
-            parse_target(t)
+        _check_types(self)
+        space = get_space(self.task.space)
+        ops = sorted({c for layer in space.layers() for c in layer.candidates})
+        bad = [b for b in self.search.baselines if b not in ops]
+        if bad:
+            raise ConfigError(
+                f"[search] baselines {', '.join(map(repr, bad))} are not operations of space "
+                f"{space.name!r}; choose from {', '.join(ops)}"
+            )
+        _check_dataset(self.task.dataset)
         if not self.target.targets:
             raise ConfigError("[target] targets must name at least one target")
         if self.target.latency_ms is not None and self.target.latency_ms <= 0:
@@ -125,17 +134,76 @@ class PipelineConfig:
             raise ConfigError("[compress] budget_fraction must be in (0, 1]")
         if self.search.strategy not in ("proxyless", "evolution"):
             raise ConfigError("[search] strategy must be proxyless or evolution")
-        for name, value in (
-            ("lut.trials", self.lut.trials),
-            ("latency.networks", self.latency.networks),
-            ("search.epochs", self.search.epochs),
-            ("compile.focus_trials", self.compile.focus_trials),
+        if not 0 < self.latency.test_fraction < 1:
+            raise ConfigError("[latency] test_fraction must be between 0 and 1")
+        for name, value, least in (
+            ("lut.trials", self.lut.trials, 0),
+            ("lut.repeat", self.lut.repeat, 1),
+            ("lut.min_repeat_ms", self.lut.min_repeat_ms, 0),
+            ("latency.networks", self.latency.networks, 0),
+            ("search.epochs", self.search.epochs, 1),
+            ("search.retrain_epochs", self.search.retrain_epochs, 1),
+            ("search.batch_size", self.search.batch_size, 1),
+            ("compress.episodes", self.compress.episodes, 1),
+            ("compress.finetune_epochs", self.compress.finetune_epochs, 0),
+            ("compile.trials", self.compile.trials or 0, 0),
+            ("compile.focus_trials", self.compile.focus_trials, 0),
         ):
-            if value < 0:
-                raise ConfigError(f"{name} must be >= 0")
+            if value < least:
+                raise ConfigError(f"{name} must be >= {least}, got {value}")
         if self.latency.networks and self.latency.networks < 8:
             raise ConfigError("[latency] networks must be 0 (LUT-only model) or at least 8")
+        for t in self.target.targets:
+            try:
+                parse_target(t)
+            except CodesignError as err:
+                raise ConfigError(f"[target] targets: {err}") from None
         return self
+
+
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,)}
+
+
+def _check_types(cfg: PipelineConfig) -> None:
+    """Every value has its key's type (a TOML "six" for an int is a message, not a TypeError)."""
+    for section in fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in fields(values):
+            value, kind = getattr(values, f.name), str(f.type)
+            where = f"[{section.name}] {f.name}"
+            if value is None and kind.endswith("| None"):
+                continue
+            if kind.startswith("tuple[str"):
+                if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+                    raise ConfigError(f"{where} must be a list of strings, got {value!r}")
+                continue
+            base = kind.removesuffix(" | None")
+            ok = _TYPES.get(base, (object,))
+            if isinstance(value, bool) or not isinstance(value, ok):
+                want = {"int": "an integer", "float": "a number", "str": "a string"}.get(base, base)
+                raise ConfigError(f"{where} must be {want}, got {value!r}")
+
+
+def _check_dataset(name: str) -> None:
+    """A built-in name, or a readable folder: CIFAR-10 batches or at least two class folders."""
+    from codesign.data import BUILTIN, DatasetError, image_folder_classes
+
+    if name in BUILTIN:
+        return
+    path = Path(name)
+    if not path.exists():
+        raise ConfigError(
+            f"[task] dataset {name!r} is not one of {', '.join(BUILTIN)} and no such folder; give "
+            "an image folder (ROOT/<class>/*.png) or a CIFAR-10 python batch directory"
+        )
+    if not path.is_dir():
+        raise ConfigError(f"[task] dataset {name!r} is not a directory")
+    if (path / "data_batch_1").exists():
+        return
+    try:
+        image_folder_classes(path)
+    except DatasetError as err:
+        raise ConfigError(f"[task] dataset: {err}") from None
 
 
 _SECTIONS = {f.name: f.type for f in fields(PipelineConfig)}
