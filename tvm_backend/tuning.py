@@ -10,7 +10,7 @@ register-tiled seed schedules (`seeds`, measured once per task), then MetaSchedu
 evolutionary search spends the rest, starting from the best records. Extra trials where a
 network spends its time: `focus`.
 
-Traps handled here (see TVM_GUIDE.md §3.1):
+Traps handled here (see docs/tvm-guide.md §1):
 - the stock builder imports `tvm.s_tir.tensor_intrin` in every worker (~22 s, past its 30 s
   timeout), so `fast_build` skips it;
 - the main process must import it (the x86 schedule rules reference its intrinsics), quickly:

@@ -2,7 +2,7 @@
 
 `request_session` asks the tracker for a server of a key with a deadline: TVM's own
 `TrackerSession.request` has no timeout and blocks forever when no server of the key is free
-(TVM_RPC_GUIDE.md §3), so this speaks the tracker protocol itself on a socket with a timeout,
+(docs/tvm-guide.md §2), so this speaks the tracker protocol itself on a socket with a timeout,
 after checking the key is served at all. `run_on_session` is the one function that runs an
 artifact's library on a session (upload, load, Relax VM on the remote device, run, time); the
 device farm can hand it sessions from its own scheduler.

@@ -1,6 +1,6 @@
 """An emulated arm64 board: a Debian chroot run under qemu-user, with a TVM RPC server in it.
 
-    ensure_rootfs(spec)   idempotent, resumable setup (TVM_RPC_GUIDE.md §4b):
+    ensure_rootfs(spec)   idempotent, resumable setup (docs/tvm-guide.md §3):
         binfmt     register qemu-aarch64 with binfmt_misc (F flag: nothing copied into the chroot)
         stage1     debootstrap --foreign --arch=arm64 --variant=minbase --include=python3
         stage2     /debootstrap/debootstrap --second-stage inside the chroot, under qemu (~3 min)

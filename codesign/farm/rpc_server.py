@@ -5,7 +5,7 @@
 
 Same server as `python -m tvm.exec.rpc_server` (listening process -> popen_worker -> one child
 per session). The only difference: after losing the tracker, TVM's server retries for a fixed
-60 s and then stays up unregistered for good (TVM_RPC_GUIDE.md §3); `--retry-window` sets that
+60 s and then stays up unregistered for good (docs/tvm-guide.md §2); `--retry-window` sets that
 window, so the supervisor's recovery from long tracker outages can be tested in seconds.
 """
 

@@ -6,7 +6,7 @@
     read_state(dir)      state.json: PIDs + start times, per-server health, restarts
 
 Every `health_interval` the supervisor judges health by *tracker registration*, not by a live
-PID or an open port (TVM_RPC_GUIDE.md §3, §6):
+PID or an open port (docs/tvm-guide.md §2, §4):
   * tracker dead or not answering -> kill its tree, restart it on the same port; if it was down
     longer than the servers' reconnect window, restart every server (they are dead for good);
   * server process gone, never registered within `register`, or unregistered for longer than

@@ -1,4 +1,4 @@
-"""MetaSchedule tuning measured on a device farm, with the guards TVM_RPC_GUIDE.md §6.7 asks for.
+"""MetaSchedule tuning measured on a device farm, with the guards docs/tvm-guide.md §4.7 asks for.
 
 MetaSchedule's RPCRunner hangs when its key has no server (its pool has no timeout), turns every
 failure into a record instead of an exception, and leaves popen workers behind. So:
