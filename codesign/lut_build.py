@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from codesign import interrupt
 from codesign.blocks import BlockSpec
 from codesign.lut import LatencyTable
 from codesign.measurement import MeasureProtocol, Provenance
@@ -159,6 +160,7 @@ def build_lut(
             t0 = time.time()
             with _progress(len(blocks), "lower", progress) as bar:
                 for b in blocks:
+                    interrupt.check()
                     lowered[b.key] = lower_block(
                         b, seed=seed, params_as_input=protocol.cache_flush, target=target
                     )
@@ -194,6 +196,7 @@ def build_lut(
                         seed=seed,
                         on_trials=bar.update,
                     )
+            interrupt.check()  # tuning may swallow the interrupt: its records are stored
             report.tuned_tasks, report.valid_records = tr.tuned_tasks, tr.valid_records
             report.seconds["tune"] = time.time() - t0
             digests = {b.key: database.digest(taskset.mods_of(b.key)) for b in blocks}
@@ -218,6 +221,7 @@ def build_lut(
             blocks = ()  # measured above
         with _progress(len(blocks), f"measure {mode}", progress) as bar:
             for b in blocks:
+                interrupt.check()
                 digest = digests.get(b.key, "")
                 prov = provenance_for(
                     target,
@@ -236,6 +240,7 @@ def build_lut(
                 )
                 built = compile_module(low, target, database, fused=fused.get(b.key))
                 m = run_steady(runner, built, protocol)
+                interrupt.check()  # a timing cut short by the interrupt is not a failed block
                 table.put(target.key, b, mode, m, prov, tuning_digest=digest)
                 if m.ok:
                     report.measured += 1

@@ -26,6 +26,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from codesign.errors import TargetError
@@ -106,10 +107,34 @@ def _canonical(d: dict[str, Any]) -> str:
 @functools.lru_cache(maxsize=1)
 def host_cpu() -> str:
     """The host CPU name as LLVM knows it (e.g. 'znver2', 'sapphirerapids'), checked against the
-    features /proc/cpuinfo reports (`codesign.host_cpu`: hypervisors can report a stand-in model)."""
+    features /proc/cpuinfo reports (`codesign.host_cpu`: hypervisors can report a stand-in model).
+
+    Detecting it loads TVM (seconds), so the answer is cached on disk, keyed by the CPU's
+    identity in /proc/cpuinfo, the TVM version and the candidate list (see `_host_cpu_cache`)."""
     env = os.environ.get("CODESIGN_X86_MCPU")
     if env:
         return env
+    cache, key = _host_cpu_cache()
+    if cache is not None:
+        try:
+            stored = json.loads(cache.read_text())
+            if stored.get("key") == key and isinstance(stored.get("cpu"), str):
+                return stored["cpu"]
+        except (OSError, ValueError, AttributeError):
+            pass
+    cpu = _detect_host_cpu()
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"key": key, "cpu": cpu}))
+            tmp.replace(cache)
+        except OSError:
+            pass
+    return cpu
+
+
+def _detect_host_cpu() -> str:
     from tvm.target import codegen
 
     from codesign.host_cpu import CANDIDATES, best_cpu, host_features, vendor
@@ -117,6 +142,38 @@ def host_cpu() -> str:
     cpu = str(codegen.llvm_get_system_cpu())
     cpu = cpu if cpu and cpu != "generic" else "x86-64-v2"
     return best_cpu(cpu, host_features(), CANDIDATES[vendor(cpu)])
+
+
+def _host_cpu_cache() -> tuple[Path | None, str]:
+    """Where the detected host CPU is cached (None: not cacheable here) and the key it is valid
+    for: the first CPU's vendor, family, model, name and flags, the TVM version, the candidates.
+    CODESIGN_CACHE_DIR overrides the directory ($XDG_CACHE_HOME/codesign, ~/.cache/codesign)."""
+    import importlib.metadata
+
+    from codesign.host_cpu import CANDIDATES, KEY_FEATURES
+
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None, ""
+    ident = []
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the first processor's block only
+        name = line.partition(":")[0].strip()
+        if name in ("vendor_id", "cpu family", "model", "model name", "flags"):
+            ident.append(line)
+    try:
+        tvm_version = importlib.metadata.version("apache-tvm")
+    except importlib.metadata.PackageNotFoundError:
+        return None, ""
+    key = hashlib.sha256(
+        json.dumps([ident, tvm_version, CANDIDATES, KEY_FEATURES], sort_keys=True).encode()
+    ).hexdigest()[:32]
+    root = os.environ.get("CODESIGN_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "codesign"
+    )
+    return Path(root) / "host_cpu.json", key
 
 
 def _cuda_arch() -> str:

@@ -204,3 +204,119 @@ def test_pipeline_refuses_a_bad_config_within_two_seconds(tmp_path: Path) -> Non
     assert out.returncode == 2 and "epochs must be an integer" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "out").exists()
     assert time.monotonic() - t0 < 2.5
+
+
+def _rows(db: Path) -> int:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return con.execute("SELECT count(*) FROM entries").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_sigint_to_the_process_alone_stops_lut_build_and_keeps_rows(tmp_path: Path) -> None:
+    import signal
+
+    db = tmp_path / "lut.sqlite"
+    argv = ["lut", "build", "--space", "tiny", "--target", "x86", "--db", str(db)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "codesign.cli.main", *argv, "--no-progress",
+         "--repeat", "3", "--min-repeat-ms", "20"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while _rows(db) < 1 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1]
+        assert _rows(db) >= 1, "no row stored within 120 s"
+        proc.send_signal(signal.SIGINT)  # this PID only, not its process group
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=10)
+        assert time.monotonic() - t0 < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        rows = con.execute("SELECT count(*) FROM entries").fetchone()[0]
+    assert rows >= 1
+    assert rows < 39  # stopped, not run to completion
+
+
+def test_a_swallowed_interrupt_still_stops_the_process(tmp_path: Path) -> None:
+    """A library that catches KeyboardInterrupt and goes on (TVM's FFI turns it into an error)
+    cannot keep the command running: the process exits 130 within the grace period."""
+    import signal
+
+    code = (
+        "import sys, time\n"
+        "from codesign import interrupt\n"
+        "with interrupt.handling():\n"
+        "    print('ready', flush=True)\n"
+        "    while True:\n"
+        "        try:\n"
+        "            time.sleep(0.05)\n"
+        "        except KeyboardInterrupt:\n"
+        "            pass\n"
+    )
+    env = {**__import__("os").environ, "CODESIGN_INTERRUPT_GRACE_S": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=10)
+        assert time.monotonic() - t0 < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == 130 and "still running 1 s after the interrupt" in err
+
+
+def test_targets_and_help_answer_without_loading_tvm_or_torch(tmp_path: Path, monkeypatch) -> None:
+    """`codesign targets` reads the detected host CPU from its cache (written by the first
+    detection) instead of loading TVM and torch (4-12 s)."""
+    import json
+    import os
+
+    from codesign.targets import _host_cpu_cache
+
+    monkeypatch.setenv("CODESIGN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("CODESIGN_X86_MCPU", raising=False)
+    env = dict(os.environ)
+    path, key = _host_cpu_cache()
+    assert path == tmp_path / "host_cpu.json"
+    path.write_text(json.dumps({"key": key, "cpu": "x86-64-v3"}))
+    code = (
+        "import sys, json; from codesign.cli.main import main\n"
+        "for argv in (['targets', '--json'], ['spaces'], ['--help'], ['verify', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(json.dumps(['tvm' in sys.modules, 'torch' in sys.modules]), file=sys.stderr)\n"
+    )
+    t0 = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert time.monotonic() - t0 < 3, out.stderr
+    assert json.loads(out.stderr.strip().splitlines()[-1]) == [False, False], out.stderr
+    assert '"mcpu": "x86-64-v3"' in out.stdout
+    # a cache of another machine or TVM version is not used
+    path.write_text(json.dumps({"key": "other", "cpu": "x86-64-v3"}))
+    from codesign.targets import host_cpu
+
+    cpu = host_cpu.__wrapped__()  # not this process's cached answer: reads the file
+    assert json.loads(path.read_text()) == {"key": key, "cpu": cpu}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from collections.abc import Sequence
 
@@ -109,19 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # same clean-up path as Ctrl-C (workers reaped, rows kept)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _terminate)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from codesign import interrupt
+
     try:
-        return int(args.func(args) or 0)
+        with interrupt.handling():
+            try:
+                return int(args.func(args) or 0)
+            except Exception:
+                interrupt.check()  # an interrupt that a library turned into an error
+                raise
     except CodesignError as err:
         print(f"codesign: error: {err}", file=sys.stderr)
         return 2
@@ -131,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "command to resume.",
             file=sys.stderr,
         )
-        return 130
+        return interrupt.EXIT_CODE
     except BrokenPipeError:  # e.g. `codesign lut show | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
