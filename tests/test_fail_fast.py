@@ -320,3 +320,54 @@ def test_targets_and_help_answer_without_loading_tvm_or_torch(tmp_path: Path, mo
 
     cpu = host_cpu.__wrapped__()  # not this process's cached answer: reads the file
     assert json.loads(path.read_text()) == {"key": key, "cpu": cpu}
+
+
+def test_archive_reader_accepts_any_tar_blocking_factor(tmp_path: Path) -> None:
+    """An intact archive repacked with `tar -b 1` (512-byte records, not 10 KiB) is read; cut
+    ones are still refused."""
+    import shutil
+
+    from codesign.artifact.archive import read_archive
+    from codesign.errors import ArtifactIntegrityError
+
+    if shutil.which("tar") is None:
+        pytest.skip("no tar command")
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {"manifest.json": b'{"a": 1}\n', "lib.so": bytes(range(256)) * 7}
+    for name, blob in files.items():
+        (src / name).write_bytes(blob)
+    tar = tmp_path / "m.tar"
+    subprocess.run(
+        ["tar", "-b", "1", "--format=ustar", "-cf", str(tar), "-C", str(src), *files],
+        check=True, timeout=30,
+    )  # fmt: skip
+    raw = tar.read_bytes()
+    assert len(raw) % 512 == 0 and len(raw) % 10240 != 0
+    assert read_archive(tar) == files
+    for cut in (raw[:-512], raw[:-1024], raw[:1536]):
+        tar.write_bytes(cut)
+        with pytest.raises(ArtifactIntegrityError, match="truncated"):
+            read_archive(tar)
+
+
+def test_netconfig_arch_string_without_its_space_says_what_is_valid(capsys) -> None:
+    rc, err = _main(capsys, "netconfig", "k3e6-k5e3_k7e6-skip_k3e3-k3e3")
+    assert rc == 2 and "No such file" not in err
+    assert "an architecture string starts with its space" in err
+    assert "tiny:k3e6-k5e3_k7e6-skip_k3e3-k3e3" in err and "--space" in err
+    assert main(["netconfig", "k3e6-k5e3_k7e6-skip_k3e3-k3e3", "--space", "tiny"]) == 0
+    assert capsys.readouterr().out.strip() == "tiny:k3e6-k5e3_k7e6-skip_k3e3-k3e3"
+
+
+def test_help_shows_defaults(capsys) -> None:
+    for argv, shown in (
+        (["search", "--help"], ("default: proxyless", "default: 32", "default: 0")),
+        (["lut", "build", "--help"], ("default 10", "default: 0")),
+        (["run", "--help"], ("default: 60.0",)),
+    ):
+        with pytest.raises(SystemExit):
+            main(argv)
+        out = " ".join(capsys.readouterr().out.split())
+        for text in shown:
+            assert text in out, (argv, text)

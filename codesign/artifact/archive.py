@@ -112,8 +112,10 @@ def read_archive(path: str | Path) -> dict[str, bytes]:
             raise _damaged(path, f"gzip stream: {err}") from None
     if len(raw) < 2 * _BLOCK:
         raise _damaged(path, f"only {len(raw)} bytes")
-    if len(raw) % tarfile.RECORDSIZE:
-        raise _damaged(path, f"{len(raw)} bytes is not a whole number of tar records")
+    if len(raw) % _BLOCK:  # any blocking factor (`tar -b 1` writes 512-byte records)
+        raise _damaged(
+            path, f"{len(raw)} bytes is not a whole number of tar records (512-byte blocks)"
+        )
     out: dict[str, bytes] = {}
     end = 0
     try:

@@ -74,6 +74,33 @@ COMMANDS = (
 )
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows every option's default, unless its help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or "default" in text.lower()
+            or default is None
+            or default is False
+            or default == argparse.SUPPRESS
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+def _all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                found += _all_parsers(sub)
+    return found
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
@@ -105,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in COMMANDS:  # one module per command group, each with register(sub)
         importlib.import_module(f"codesign.cli.{name}").register(sub)
+    for p in _all_parsers(parser):
+        p.formatter_class = _HelpFormatter
+        for action in p._actions:  # options without help text still show their default
+            shown = action.default is not None and action.default is not False
+            if action.help is None and action.option_strings and shown:
+                action.help = "default: %(default)s"
     return parser
 
 

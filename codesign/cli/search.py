@@ -128,14 +128,46 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_space_message(body: str) -> str:
+    """An architecture string given without its space: say what a valid one looks like."""
+    from codesign.arch import Arch
+    from codesign.search.space import list_spaces
+
+    fits = []
+    for space in list_spaces():
+        try:
+            space.validate(Arch.decode(f"{space.name}:{body}"))
+            fits.append(space.name)
+        except Exception:  # noqa: BLE001 - this space does not take it
+            continue
+    example = f"{fits[0] if fits else 'tiny'}:{body}"
+    hint = (
+        f"it fits space(s) {', '.join(fits)}: "
+        if fits
+        else "it fits no registered space (`codesign spaces` lists their layers): "
+    )
+    return (
+        f"{body!r} is neither a file nor a published net; an architecture string starts with "
+        f"its space, SPACE:OPS with blocks joined by '-' and stages by '_', e.g. {example}; "
+        f"{hint}give that, or add --space SPACE"
+    )
+
+
 def _netconfig(args: argparse.Namespace) -> int:
+    import re
     from pathlib import Path
 
     from codesign.arch import Arch
+    from codesign.errors import ArchError
     from codesign.search.netconfig import PUBLISHED, export_netconfig, load_netconfig
     from codesign.search.space import get_space
 
     src = args.source
+    if src not in PUBLISHED and ":" not in src and not Path(src).exists():
+        if args.space:
+            src = f"{args.space}:{src}"
+        elif re.fullmatch(r"[A-Za-z0-9]+([-_][A-Za-z0-9]+)+", src):
+            raise ArchError(_no_space_message(src))
     if src not in PUBLISHED and ":" in src and not Path(src).exists():
         arch = Arch.decode(src)
         space = get_space(args.space or arch.space)
