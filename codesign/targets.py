@@ -170,10 +170,9 @@ def _host_cpu_cache() -> tuple[Path | None, str]:
     key = hashlib.sha256(
         json.dumps([ident, tvm_version, CANDIDATES, KEY_FEATURES], sort_keys=True).encode()
     ).hexdigest()[:32]
-    root = os.environ.get("CODESIGN_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "codesign"
-    )
-    return Path(root) / "host_cpu.json", key
+    from codesign.paths import cache_dir
+
+    return cache_dir() / "host_cpu.json", key
 
 
 def _cuda_arch() -> str:

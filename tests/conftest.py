@@ -14,6 +14,12 @@ from codesign.targets import host_threads
 # A test run must not depend on the user's own LUTs or environment. Tests measure with the
 # default x86 target (every CPU this process may use), so TVM's pool holds as many threads.
 os.environ["TVM_NUM_THREADS"] = str(host_threads())
+# Nor on (or into) the user's cache: the tuning cache and the detected host CPU go to a
+# directory of this test run (CLI subprocesses inherit it).
+if "CODESIGN_TEST_KEEP_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["CODESIGN_CACHE_DIR"] = tempfile.mkdtemp(prefix="codesign-test-cache-")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from codesign.errors import (
     InputError,
     ManifestError,
 )
+from codesign.targets import parse_target
 
 CLI = [sys.executable, "-m", "codesign.cli.main"]
 
@@ -461,5 +463,11 @@ def test_cli_compile_tunes_the_network(trained_model_dir: Path, tmp_path: Path) 
     assert tuning["mode"] == "tuned" and tuning["trials_per_task"] == 2
     assert tuning["focus_trials"] == 64 and tuning["trials_done"] >= 2 * tuning["unique_tasks"]
     assert tuning["tasks_with_records"] == tuning["unique_tasks"] and tuning["seconds"] > 0
-    assert (tmp_path / "tuned.tar.gz.tuning.sqlite").exists()
     assert verify_artifact(out).manifest.data["tuning"] == tuning
+    cache = Path(os.environ["CODESIGN_CACHE_DIR"]) / "tuning" / f"{parse_target('x86').key}.sqlite"
+    assert cache.exists()  # no --tuning-db: this CPU's tuning cache
+    args[args.index(str(out))] = str(tmp_path / "again.tar")
+    again = cli(*args, "--no-progress", "--json", timeout=600)
+    assert again.returncode == 0, again.stderr
+    warm = json.loads(again.stdout)["tuning"]
+    assert warm["tuned_tasks"] == 0 and warm["focus_tuned_tasks"] == 0  # a task tuned once

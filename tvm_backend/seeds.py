@@ -18,8 +18,9 @@ search that follows starts from the database's best records, so seeds also steer
                      sketch, unroll 16/64/512, padding at the root or where the sketch put it
 
 Measured on one 28x28 240->40 1x1 convolution (Zen 3, 2 threads): the best of 60 seeds ran
-0.096 ms, the best of 128 evolutionary trials 0.211 ms. Only float32 `conv2d_nhwc` and
-`group_conv2d_nhwc` tasks on CPU targets are seeded; other tasks keep the plain search.
+0.096 ms, the best of 128 evolutionary trials 0.211 ms. Every CPU task's first seed is its
+analytic schedule (`schedules.analytic_schedule`, what an untuned build runs); float32
+`conv2d_nhwc` and `group_conv2d_nhwc` tasks get the register-tiled variants after it.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def _divisors(n: int, most: int) -> list[int]:
     return [d for d in range(1, min(n, most) + 1) if n % d == 0]
 
 
-def _register_tiles(loops: ConvLoops, lanes: int, registers: int) -> list[tuple[int, int, int]]:
+def register_tiles(loops: ConvLoops, lanes: int, registers: int) -> list[tuple[int, int, int]]:
     """(h3, w3, c3) register tiles, best guess first: about half the registers as accumulators
     (the rest hold weights and the broadcast input), wide rows before tall ones."""
     goal, most = registers // 2, registers - 4
@@ -126,7 +127,7 @@ def tilings(
     """Up to `count` distinct tilings: the register tiles in order of preference, round-robin,
     each with seeded choices of the outer loops, the reduction split, sketch and unrolling."""
     rng = random.Random(seed)
-    tiles = _register_tiles(loops, lanes, registers)
+    tiles = register_tiles(loops, lanes, registers)
     if not tiles or sketches == 0:
         return []
     rc_inner = sorted({loops.rc, max(_divisors(loops.rc, 64))}, reverse=True)
@@ -248,7 +249,7 @@ def measure_seeds(
     for i, mod in enumerate(task_mods):
         if per_task <= 0 or database.run_finished(_seeds_key(database, mod)):
             continue
-        schedules = seed_schedules(mod, target, per_task, seed + i)
+        schedules = _with_analytic(mod, target, seed_schedules(mod, target, per_task - 1, seed + i))
         if schedules:
             todo += [(i, sch) for sch in schedules]
             seeded[i] = len(schedules)
@@ -278,6 +279,17 @@ def measure_seeds(
     for i in valid:  # a task whose seeds all failed (a farm server lost, say) is seeded again
         database.mark_run_finished(_seeds_key(database, task_mods[i]), per_task)
     return seeded
+
+
+def _with_analytic(task_mod: Any, target: Target, schedules: list[Any]) -> list[Any]:
+    """The task's analytic schedule (what an untuned build runs) first, then `schedules`: the
+    search then starts from it, and a tuned build keeps it unless something measured faster."""
+    from codesign.tvm_backend.schedules import analytic_schedule
+
+    if target.name == "cuda":
+        return schedules
+    analytic = analytic_schedule(task_mod, target)
+    return ([analytic] if analytic is not None else []) + schedules
 
 
 def _seeds_key(database: Any, task_mod: Any) -> str:

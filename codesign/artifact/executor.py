@@ -8,6 +8,7 @@ exactly what the artifact ships, never the in-memory compiler output.
 from __future__ import annotations
 
 import abc
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,16 @@ def to_numpy(value: Any) -> np.ndarray:
     raise ArtifactError(f"unexpected output of type {type(value).__name__} from the library")
 
 
+def aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an `align`-byte boundary (TVM
+    takes a DLPack view of nothing less aligned)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + align, dtype=np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
 def parse_device(device: str) -> tuple[str, int]:
     """'cpu', 'cuda' or 'cuda:N' -> (kind, index)."""
     kind, _, idx = device.partition(":")
@@ -97,12 +108,35 @@ class LocalExecutor(Executor):
         self.where = f"local {kind}:{index} ({host_machine()}, {threads or 'default'} threads)"
         self.emulated = False
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), self.dev)
+        # The hot path of predict(x), measured on a 0.09 ms network: tvm.runtime.tensor(x)
+        # cost 37 us and Tensor.numpy() 13 us; a DLPack view of an aligned staging array kept
+        # between calls costs 1 us each way. The function is looked up once.
+        self._main = self.vm["main"]
+        self._stage: tuple[np.ndarray, Any] | None = None
+        self._lock = threading.Lock()  # one call at a time: the staging array is shared
+        self._pool_started = False
 
     def run(self, x: np.ndarray) -> np.ndarray:
         import tvm
 
-        with affinity_kept():
-            return to_numpy(self.vm["main"](tvm.runtime.tensor(x, self.dev)))
+        if self.kind != "cpu":
+            with affinity_kept():
+                return to_numpy(self._main(tvm.runtime.tensor(x, self.dev)))
+        with self._lock:
+            stage = self._stage
+            if stage is None or stage[0].shape != x.shape or stage[0].dtype != x.dtype:
+                array = aligned_empty(x.shape, x.dtype)
+                stage = self._stage = (array, tvm.runtime.from_dlpack(array))
+            np.copyto(stage[0], x)
+            if self._pool_started:
+                out = self._main(stage[1])
+            else:  # the pool starts on the first call and may pin this thread then, not later
+                with affinity_kept():
+                    out = self._main(stage[1])
+                self._pool_started = True
+            if hasattr(out, "__dlpack__"):
+                return np.from_dlpack(out).copy()
+            return to_numpy(out)
 
     def time(self, x: np.ndarray, protocol: MeasureProtocol) -> Measurement:
         with affinity_kept():

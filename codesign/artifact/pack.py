@@ -54,7 +54,7 @@ class CompileOptions:
     focus_trials: extra trials, split over the tasks in proportion to their estimated share
         of the network's time (`tvm_backend.tuning.tune_focused`);
     tuning_db: the LUT file whose records are applied (and tuned into with tune_trials; by
-        default `<out>.tuning.sqlite` when tuning);
+        default: this CPU's tuning cache, `codesign.paths.tuning_cache`);
     check_inputs: validation inputs for the equality check;
     val_limit: validation images for the accuracy (None: all; 0: skip accuracy);
     device_check: run the checks and the timing on the target device (for remote targets

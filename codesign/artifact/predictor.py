@@ -72,6 +72,8 @@ class Predictor:
     def __call__(self, x: Any) -> np.ndarray:
         """Outputs (logits) for each input of the batch, stacked: (N, classes)."""
         x = self.check_input(x)
+        if len(x) == 1:
+            return self.executor.run(x)
         return np.concatenate([self.executor.run(x[i : i + 1]) for i in range(len(x))])
 
     def classify(self, x: Any, top: int = 5) -> list[list[tuple[str, float]]]:

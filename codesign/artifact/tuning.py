@@ -1,4 +1,5 @@
-"""The artifact's tuning: open the LUT file's tuning database (or `<out>.tuning.sqlite`), tune
+"""The artifact's tuning: open the LUT file's tuning database (or this CPU's tuning cache,
+`codesign.paths.tuning_cache`), tune
 the network's tasks into it (a uniform budget, then focus trials where the time goes), and
 describe what was applied for the manifest."""
 
@@ -32,11 +33,13 @@ def tune_for_artifact(
     tunes = opts.tune_trials or opts.focus_trials
     if not tunes and opts.tuning_db is None:
         return None, info
+    from codesign.paths import tuning_cache
     from codesign.tvm_backend.database import open_tuning_database
     from codesign.tvm_backend.focus import tune_focused
     from codesign.tvm_backend.tuning import extract_tasks, tune
 
-    db_path = Path(opts.tuning_db) if opts.tuning_db else out.with_name(out.name + ".tuning.sqlite")
+    db_path = Path(opts.tuning_db) if opts.tuning_db else tuning_cache(target)
+    db_path.parent.mkdir(parents=True, exist_ok=True)
     if not tunes and not db_path.exists():
         raise ArtifactError(
             f"tuning database {db_path} does not exist; give the LUT file built with "

@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=non_negative_int,
         default=0,
         help="MetaSchedule trials per unique task of the network (default 0: no tuning); "
-        "records go to --tuning-db, else OUT.tuning.sqlite (re-running resumes)",
+        "records go to --tuning-db, else to this CPU's tuning cache (~/.cache/codesign/tuning/, "
+        "CODESIGN_CACHE_DIR overrides), so a task tuned once is never tuned again",
     )
     p.add_argument(
         "--focus-trials",
