@@ -45,6 +45,7 @@ from common import machine, torch_eager_ms, write_result  # noqa: E402
 
 from codesign.artifact.pack import CompileOptions, compile_artifact  # noqa: E402
 from codesign.measurement import MeasureProtocol  # noqa: E402
+from codesign.peers import export_onnx, onnxruntime_call, openvino_call, python_ms  # noqa: E402
 from codesign.targets import parse_target  # noqa: E402
 
 _RSS = (
@@ -90,68 +91,6 @@ def mobilenet_v2_style(workdir: Path, quick: bool) -> Path:
     net = randomize_bn(build_network(space, arch, seed=0), seed=0).eval()
     meta = ModelDir(tuple(net.specs), arch=arch.encode(), space=space.name)
     return save_model(workdir / f"{space.name}-k3e6", net, meta)
-
-
-def ort_session(net: Any, x: Any, path: Path, threads: int) -> Any:
-    import onnxruntime as ort
-    import torch
-
-    with torch.no_grad():
-        torch.onnx.export(
-            net.eval(),
-            (x,),
-            str(path),
-            dynamo=False,
-            opset_version=17,
-            input_names=["input"],
-            output_names=["logits"],
-        )
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def openvino_call(onnx_path: Path, threads: int) -> Any:
-    """OpenVINO's CPU plugin on the ONNX file: a callable numpy -> numpy (one infer request)."""
-    import openvino as ov
-
-    core = ov.Core()
-    compiled = core.compile_model(
-        core.read_model(str(onnx_path)),
-        "CPU",
-        {
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_NUM_THREADS": threads,
-            "INFERENCE_PRECISION_HINT": "f32",
-        },
-    )
-    request = compiled.create_infer_request()
-    output = compiled.output(0)
-    return lambda x: request.infer({0: x})[output]
-
-
-def python_ms(fn: Any, *, repeat: int = 10, min_repeat_ms: float = 50.0) -> float:
-    """Median of `repeat` samples of one call of `fn` from Python, each sample >= min_repeat_ms
-    (calibrated like TVM's time_evaluator); what a user's predict(x) costs."""
-    for _ in range(3):
-        fn()
-    number = 1
-    while True:
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        if (time.perf_counter() - t0) * 1e3 >= min_repeat_ms:
-            break
-        number *= 2
-    samples = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        samples.append((time.perf_counter() - t0) / number * 1e3)
-    return statistics.median(samples)
 
 
 def peak_rss(code: str, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -202,13 +141,11 @@ def bench_model(
     shape = tuned.artifact.manifest.input.shape
     x = torch.from_numpy(np.random.default_rng(0).standard_normal(shape).astype("float32"))
     xn = x.numpy()
-    onnx_path = workdir / f"{slug}.onnx"
-    sess = ort_session(net, x, onnx_path, threads)
-    ov_call = openvino_call(onnx_path, threads)
+    onnx_path = export_onnx(net, tuple(shape), workdir / f"{slug}.onnx")
+    ort_call, ov_call = onnxruntime_call(onnx_path, threads), openvino_call(onnx_path, threads)
     with torch.no_grad():
         ref = net(x).numpy()
-    ort_call = lambda: sess.run(None, {"input": xn})[0]  # noqa: E731
-    errors = {"onnxruntime": float(np.abs(ort_call() - ref).max())}
+    errors = {"onnxruntime": float(np.abs(ort_call(xn) - ref).max())}
     errors["openvino"] = float(np.abs(ov_call(xn) - ref).max())
     timing = dict(repeat=args.repeat, min_repeat_ms=args.min_repeat_ms)
     own: dict[str, list[float]] = {k: [] for k in ENGINES}
@@ -219,7 +156,7 @@ def bench_model(
         calls = {
             "tvm_scheduled": lambda: ps(xn),
             "tvm_tuned": lambda: pt(xn),
-            "onnxruntime": ort_call,
+            "onnxruntime": lambda: ort_call(xn),
             "openvino": lambda: ov_call(xn),
             "torch": lambda: _torch_call(net, x),
         }

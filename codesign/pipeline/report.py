@@ -104,6 +104,11 @@ def _markdown(cfg: PipelineConfig, s: dict[str, Any], figs: dict[str, Path], out
             ],
         ),
         "",
+        _budget_note(cfg, budget),
+        "",
+        _accuracy_note(art),
+        "",
+        *_peer_lines(s),
         f"![architecture]({rel['arch']})",
         "",
         "Each bar is a searchable layer: height = expansion, colour = kernel, hatched = skipped.",
@@ -204,13 +209,14 @@ def _markdown(cfg: PipelineConfig, s: dict[str, Any], figs: dict[str, Path], out
                     "tuning",
                     f"{cfg.lut.trials} MetaSchedule trials per task"
                     if cfg.lut.trials
-                    else "none (TVM default schedules)",
+                    else "none: analytic schedules (register tiles from the ISA, no search)",
                 ],
                 [
                     "measurement",
                     f"median of {cfg.lut.repeat} samples, >= {cfg.lut.min_repeat_ms} ms each",
                 ],
                 ["seed", cfg.task.seed],
+                ["host (CPU, threads, load average 1/5/15 min)", _host(s)],
                 [
                     "stages run / skipped",
                     f"{', '.join(s['stages']['ran']) or '–'} / "
@@ -221,6 +227,76 @@ def _markdown(cfg: PipelineConfig, s: dict[str, Any], figs: dict[str, Path], out
         "",
     ]
     return "\n".join(lines)
+
+
+def _budget_note(cfg: PipelineConfig, b: dict[str, Any]) -> str:
+    if cfg.target.latency_ms is not None:
+        return f"The budget is [target] latency_ms = {_f(b['budget_ms'])} ms."
+    return (
+        f"The budget is {cfg.target.budget_fraction:g} of the way from the fastest network of the "
+        f"space ({_f(b['smallest_ms'])} ms, predicted) to the slowest ({_f(b['largest_ms'])} ms): "
+        f"{_f(b['smallest_ms'])} + {cfg.target.budget_fraction:g} x "
+        f"({_f(b['largest_ms'])} - {_f(b['smallest_ms'])}) = {_f(b['budget_ms'])} ms "
+        "([target] budget_fraction; set [target] latency_ms for a budget in ms)."
+    )
+
+
+def wilson(pct: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval (in %) of an accuracy of `pct` % measured on `n` images."""
+    if n <= 0:
+        return (0.0, 100.0)
+    p = pct / 100.0
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return (100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half))
+
+
+def _accuracy_note(art: dict[str, Any]) -> str:
+    n = art.get("accuracy_n")
+    if art.get("accuracy") is None or not n:
+        return ""
+    lo, hi = wilson(art["accuracy"], n)
+    return (
+        f"Accuracies are measured on {n} validation images: the shipped artifact's "
+        f"{_f(art['accuracy'])}% has a 95% interval of {lo:.1f}-{hi:.1f}% (one image is "
+        f"{100 / n:.2g} points), so differences smaller than that are not evidence."
+    )
+
+
+def _peer_lines(s: dict[str, Any]) -> list[str]:
+    """The artifact beside ONNX Runtime and OpenVINO on the same network and on the baseline."""
+    ver = s["verify"]
+    peers = ver.get("peers")
+    if not peers:
+        return []
+    shipped, base = peers["shipped_network"], peers.get("baseline")
+    engines = [e for e in ("onnxruntime", "openvino") if e in shipped]
+    rows = [["codesign artifact (TVM), per call from Python", ver.get("per_call_ms"), "–"]]
+    for e in engines:
+        rows.append([e, shipped[e], base.get(e) if base else "–"])
+    lines = [
+        "### Against the engines you would otherwise ship (same threads, per call, ms)",
+        "",
+        _table(["engine", "shipped network", f"baseline {base['label']}" if base else "–"], rows),
+        "",
+    ]
+    for e, why in {**shipped.get("missing", {})}.items():
+        lines += [f"- {e}: {why}"]
+    fastest = [base[e] for e in engines if base and e in base]
+    if fastest and ver.get("per_call_ms"):
+        lines += [
+            f"Without codesign: baseline {base['label']} ({_f(base['acc'])}%) on the fastest "
+            f"engine runs {_f(min(fastest))} ms; the shipped artifact runs "
+            f"{_f(ver['per_call_ms'])} ms ({min(fastest) / ver['per_call_ms']:.2f}x).",
+            "",
+        ]
+    return lines
+
+
+def _host(s: dict[str, Any]) -> str:
+    h = s["verify"].get("host") or {}
+    load = "/".join(f"{v:g}" for v in h.get("loadavg", []))
+    return f"{h.get('cpu', '?')}, {h.get('threads', '?')} threads of {h.get('cpus', '?')}, {load}"
 
 
 def _inline(md: str) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 
 from codesign.pipeline.config import ConfigError, PipelineConfig
 from codesign.pipeline.stages import StageRunner, digest_of, file_digest
+from codesign.pipeline.verify import stage_verify
 
 STAGES = ("lut", "latency", "search", "baselines", "compress", "compile", "verify")
 
@@ -303,26 +304,6 @@ def stage_compile(
     }
 
 
-def stage_verify(artifact: str, progress: bool) -> dict[str, Any]:
-    """Load the artifact with the plain TVM runtime (hashes checked), re-run its sample."""
-    import io
-
-    import numpy as np
-
-    import codesign
-
-    with codesign.load(artifact) as pred:
-        files, samples = pred.artifact.files, pred.manifest.data["samples"]
-        x = np.load(io.BytesIO(files[samples["input"]]))
-        want = np.load(io.BytesIO(files[samples["output"]]))
-        got = pred(x)
-        err = float(np.max(np.abs(got - want)))
-        if err > 1e-3:
-            raise ConfigError(f"{artifact}: re-loaded output differs from its sample by {err:.3g}")
-        m = pred.time()
-    return {"max_abs_err": err, "reloaded_ms": m.median_ms, "std_ms": m.std_ms}
-
-
 # ------------------------------------------------------------------ the job
 def run(
     config: PipelineConfig | None = None, out: str | Path = "out", *, progress: bool = True
@@ -398,8 +379,16 @@ def _stages(
     first = shipped[main_target]
     ver = runner.run(
         "verify",
-        {"artifact": first["sha256"]},
-        lambda work: stage_verify(first["artifact"], progress),
+        {"artifact": first["sha256"], "baselines": digest_of(base)},
+        lambda work: stage_verify(
+            first["artifact"],
+            comp["model_dir"],
+            base["points"],
+            budget["budget_ms"],
+            work,
+            space=cfg.task.space,
+            seed=cfg.task.seed,
+        ),
     )
     summary = {
         "config": cfg.to_dict(),
@@ -414,6 +403,7 @@ def _stages(
             "path": first["artifact"],
             "latency_ms": (first["manifest"]["latency"] or {}).get("median_ms"),
             "accuracy": (first["manifest"]["accuracy"] or {}).get("top1"),
+            "accuracy_n": (first["manifest"]["accuracy"] or {}).get("n"),
         },
         "verify": ver,
         "stages": {"ran": runner.ran, "skipped": runner.skipped},
