@@ -36,3 +36,36 @@ def positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text} is not allowed: give a number > 0")
     return value
+
+
+def check_text_file(path: str | None, what: str) -> None:
+    """Refuses (one line, before any work) a file argument that is a directory or not
+    UTF-8 text, e.g. a binary file given as a JSON or TOML file. A missing file is left to
+    the reader, which names what to create."""
+    import os
+
+    from codesign.errors import CodesignError
+
+    if path is None or not os.path.exists(path):
+        return
+    if os.path.isdir(path):
+        raise CodesignError(f"{what} {path} is a directory; give a file")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            fh.read()
+    except UnicodeDecodeError as err:
+        raise CodesignError(
+            f"{what} {path} is not a text file (byte {err.start} is not UTF-8)"
+        ) from None
+    except OSError as err:
+        raise CodesignError(f"cannot read {what} {path}: {err.strerror}") from None
+
+
+def check_out_dir(path: str, option: str = "--out") -> None:
+    """Refuses an output directory path that exists as something other than a directory."""
+    import os
+
+    from codesign.errors import CodesignError
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CodesignError(f"{option} {path} exists and is not a directory; give a directory")

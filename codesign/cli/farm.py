@@ -49,8 +49,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace):  # noqa: ANN202
+    from codesign.cli.argtypes import check_text_file
     from codesign.farm.config import load_config
 
+    check_text_file(args.config, "farm config")
     return load_config(args.config, state_dir=args.state_dir)
 
 
@@ -173,6 +175,9 @@ def _arm_up(args: argparse.Namespace) -> int:
         write_config(cfg)
         wait_ready(cfg, keys=(args.key,))
     else:
+        from codesign.cli.argtypes import check_text_file
+
+        check_text_file(args.config, "farm config")
         base = load_config(args.config, state_dir=args.state_dir)
         if args.config is None:  # only the emulator, not the default x86 server
             base = base.with_servers(())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from codesign.cli.argtypes import non_negative_int, positive_int
+from codesign.cli.argtypes import check_text_file, non_negative_int, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -122,6 +122,7 @@ def _eval(args: argparse.Namespace) -> int:
     from codesign.latency.plot import scatter
     from codesign.latency.regress import metrics
 
+    check_text_file(args.model, "latency model")
     model = LatencyModel.load(args.model, args.db)
     archs, meas, preds = held_out(model, args.db)
     results = {k: metrics(v, meas) for k, v in preds.items()}
@@ -144,6 +145,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from codesign.latency.model import LatencyModel
 
+    check_text_file(args.model, "latency model")
     model = LatencyModel.load(args.model)
     for text in args.arch:
         arch = model.space.decode(text)

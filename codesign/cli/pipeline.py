@@ -26,8 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
+    from codesign.cli.argtypes import check_out_dir, check_text_file
     from codesign.pipeline.config import ConfigError, load_config, to_toml
 
+    check_text_file(args.config, "config file")
+    if args.out:
+        check_out_dir(args.out)
     cfg = load_config(args.config)
     if args.show_config:
         print(to_toml(cfg), end="")

@@ -84,6 +84,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _search(args: argparse.Namespace) -> int:
+    from codesign.cli.argtypes import check_out_dir, check_text_file
+
+    check_out_dir(args.out)
+    check_text_file(args.latency_model, "latency model")
     from codesign.search.run import SearchJob, run_search
 
     if args.torch_threads:
@@ -158,11 +162,14 @@ def _netconfig(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from codesign.arch import Arch
+    from codesign.cli.argtypes import check_text_file
     from codesign.errors import ArchError
     from codesign.search.netconfig import PUBLISHED, export_netconfig, load_netconfig
     from codesign.search.space import get_space
 
     src = args.source
+    if src not in PUBLISHED:
+        check_text_file(src, "net.config")
     if src not in PUBLISHED and ":" not in src and not Path(src).exists():
         if args.space:
             src = f"{args.space}:{src}"
