@@ -3,7 +3,8 @@
 Creates a new venv, installs exactly apache-tvm, apache-tvm-ffi and numpy (from PyPI, or from
 the wheel directory in CODESIGN_WHEELHOUSE without an index), checks that neither torch nor
 codesign is importable there, and runs the recipe copied verbatim from README.md on an x86
-artifact, in TVM's runtime-only mode.
+artifact, in TVM's runtime-only mode; a truncated archive, an input of the wrong shape and
+an edited manifest (its digest no longer matches) are refused in one line, without a traceback.
 """
 
 from __future__ import annotations
@@ -77,3 +78,52 @@ def test_readme_recipe_runs_with_only_tvm(x86_artifact: Path, tmp_path: Path) ->
     logits = np.asarray(json.loads(lines["logits"]), dtype=np.float32)
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
     assert lines["class"] == art.manifest.classes[int(expected.argmax())]
+
+    # refusals: one line naming the problem, never a traceback
+    def refused(archive: Path, npy: Path) -> str:
+        out = subprocess.run(
+            [str(py), "-I", str(script), str(archive), str(npy)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+            env={**env, "TVM_USE_RUNTIME_LIB": "1"},
+        )
+        assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        return out.stderr
+
+    data = x86_artifact.read_bytes()
+    (tmp_path / "truncated.tar").write_bytes(data[: len(data) // 2])
+    err = refused(tmp_path / "truncated.tar", tmp_path / "input.npy")
+    assert "not a complete codesign artifact" in err
+    np.save(tmp_path / "wrong.npy", np.zeros((3, 5), np.float32))
+    err = refused(x86_artifact, tmp_path / "wrong.npy")
+    assert "has shape (3, 5); the model takes" in err
+    tampered = _with_member(data, "manifest.json", _edit_classes)
+    (tmp_path / "tampered.tar").write_bytes(tampered)
+    err = refused(tmp_path / "tampered.tar", tmp_path / "input.npy")
+    assert "manifest.json does not match its digest" in err
+
+
+def _edit_classes(raw: bytes) -> bytes:
+    manifest = json.loads(raw)
+    manifest["classes"][0] = "edited"
+    return json.dumps(manifest, indent=1).encode()
+
+
+def _with_member(archive: bytes, name: str, edit) -> bytes:  # noqa: ANN001
+    """The archive with one member's bytes passed through edit (hashes left as they were)."""
+    import tarfile
+
+    out = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(archive)) as src,
+        tarfile.open(fileobj=out, mode="w") as dst,
+    ):
+        for info in src.getmembers():
+            body = src.extractfile(info).read() if info.isfile() else None
+            if info.name == name:
+                body = edit(body)
+                info.size = len(body)
+            dst.addfile(info, io.BytesIO(body) if body is not None else None)
+    return out.getvalue()
