@@ -471,3 +471,23 @@ def test_cli_compile_tunes_the_network(trained_model_dir: Path, tmp_path: Path) 
     assert again.returncode == 0, again.stderr
     warm = json.loads(again.stdout)["tuning"]
     assert warm["tuned_tasks"] == 0 and warm["focus_tuned_tasks"] == 0  # a task tuned once
+
+
+@pytest.mark.slow
+def test_tuning_cache_tunes_a_task_once(
+    trained_model_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Without --tuning-db, records go to this CPU's tuning cache; a second compile of the same
+    network (into another archive) finds every task tuned and tunes nothing."""
+    monkeypatch.setenv("CODESIGN_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["compile", "--model", str(trained_model_dir), "--target", "x86", "--tune-trials", "1"]
+    args += ["--val-limit", "10", "--repeat", "3", "--min-repeat-ms", "5", "--no-progress"]
+    first = cli(*args, "--out", str(tmp_path / "a.tar"), "--json", timeout=900)
+    assert first.returncode == 0, first.stderr
+    cold = json.loads(first.stdout)["tuning"]
+    cache = tmp_path / "cache" / "tuning" / f"{parse_target('x86').key}.sqlite"
+    assert cache.exists() and cold["tuned_tasks"] == cold["unique_tasks"] > 0
+    again = cli(*args, "--out", str(tmp_path / "b.tar"), "--json", timeout=900)
+    assert again.returncode == 0, again.stderr
+    warm = json.loads(again.stdout)["tuning"]
+    assert warm["tuned_tasks"] == 0 and warm["database_digest"] == cold["database_digest"]
