@@ -59,6 +59,7 @@ def _amc(
         trials=cfg.lut.trials,
         measure=True,
         artifact=False,
+        raise_budget_to_floor=True,
         protocol=MeasureProtocol(repeat=cfg.lut.repeat, min_repeat_ms=cfg.lut.min_repeat_ms),
     )
     config = AMCConfig(
@@ -73,7 +74,8 @@ def _amc(
         "method": "amc",
         "model_dir": str(work),
         "policy": r["policy"],
-        "budget_ms": target_ms,
+        "budget_ms": r["budget_ms"],
+        "budget_asked_ms": target_ms,
         "before": {"acc": r["base_acc"], "measured_ms": r.get("base_measured_ms")},
         "after": {"acc": r["acc"], "measured_ms": r.get("measured_ms")},
         "report": r,

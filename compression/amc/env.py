@@ -101,6 +101,15 @@ def allowed_counts(channels: int, lbound: float, divisor: int) -> tuple[int, ...
     return tuple(sorted({*range(first, channels, divisor), channels}))
 
 
+def reachable_ms(
+    network: Network, data: Dataset, latency: LatencySource, config: AMCConfig
+) -> tuple[float, float]:
+    """(floor, unpruned): the predicted latency with every unit at its smallest allowed width,
+    and without pruning: the budgets AMC can meet lie between them."""
+    env = AMCEnv(network, data, latency, math.inf, config)
+    return env.floor_ms, env.base_ms
+
+
 class AMCEnv:
     """Prune `network` under `budget_ms` as predicted by the latency model `latency`."""
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from codesign.compression.amc.env import AMCConfig, AMCEnv
+from codesign.compression.amc.env import AMCConfig, AMCEnv, reachable_ms
 from codesign.compression.amc.policy import PruneError, PrunePolicy, structure
 from codesign.compression.amc.search import run_search
 from codesign.compression.amc.surgery import prune_network, recalibrate_bn
@@ -142,6 +142,10 @@ class PruneJob:
     measure: bool = True  # time the original and the pruned network side by side
     artifact: bool = True  # compile the pruned model into OUT/model.tar (`codesign compile`)
     protocol: MeasureProtocol = MeasureProtocol()
+    # A budget below what pruning can reach is raised to that floor instead of refused (the
+    # pipeline's budget is a fraction of the searched network: with scheduled kernels a small
+    # network's fixed per-kernel costs can keep every pruned width above it).
+    raise_budget_to_floor: bool = False
 
 
 def finalize(
@@ -205,7 +209,11 @@ def prune_model(
         missing=job.missing,
         trials=job.trials,
     )
-    env = AMCEnv(net, data, lat, job.budget_ms, config)
+    budget_ms = job.budget_ms
+    if job.raise_budget_to_floor:
+        floor_ms, _ = reachable_ms(net, data, lat, config)
+        budget_ms = max(budget_ms, floor_ms)
+    env = AMCEnv(net, data, lat, budget_ms, config)
     latency_id = f"{lat.target_key}|{lat.mode}|{lat.digest}|{lat.form}|{job.missing}"
     secs = {"setup": time.time() - t0}
     result = run_search(env, config, out=out, latency_id=latency_id, progress=progress)
@@ -225,7 +233,8 @@ def prune_model(
         "ratios": dict(policy.ratios),
         "channels": policy.counts(st),
         "prune_outputs": config.prune_outputs,
-        "budget_ms": job.budget_ms,
+        "budget_ms": budget_ms,
+        "budget_asked_ms": job.budget_ms,
         "target": target.key,
         "lut_mode": lat.mode,
         "missing": job.missing,
