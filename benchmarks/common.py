@@ -20,18 +20,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict[str, Any]:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = (float("nan"),) * 3
+    from codesign.host_cpu import machine_facts
+
+    facts = machine_facts()
+    cpu, load = facts["cpu"], facts["loadavg"] or [float("nan")] * 3
     return {
         "cpu": cpu,
         "cores": len(os.sched_getaffinity(0)),

@@ -85,3 +85,24 @@ def best_cpu(
 
 def vendor(detected: str) -> str:
     return "amd" if detected.startswith(("znver", "bdver", "btver")) else "intel"
+
+
+def machine_facts() -> dict[str, object]:
+    """The host as measurements record it: CPU model name, CPUs this process may use, load
+    average (1, 5, 15 min)."""
+    import os
+    from pathlib import Path
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        load = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        load = []
+    return {"cpu": cpu, "cpus": len(os.sched_getaffinity(0)), "loadavg": load}

@@ -6,7 +6,6 @@ on the best uniform baseline: what the user would have shipped without codesign.
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 from typing import Any
 
@@ -86,16 +85,6 @@ def _peers(
 
 def _host(threads: int) -> dict[str, Any]:
     """The CPU, the threads and the load the measurements ran with."""
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        load = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        load = []
-    return {"cpu": cpu, "cpus": os.cpu_count(), "threads": threads, "loadavg": load}
+    from codesign.host_cpu import machine_facts
+
+    return {**machine_facts(), "threads": threads}
