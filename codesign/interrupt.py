@@ -63,7 +63,7 @@ def _hard_exit(why: str) -> None:
 def _watchdog(grace: float) -> None:
     done = threading.Event()
     done.wait(grace)
-    _hard_exit(f"still running {grace:g} s after the interrupt")
+    _hard_exit(f"interrupted; still running {grace:g} s after the signal")
 
 
 def _handler(signum: int, frame: Any) -> None:
