@@ -259,9 +259,11 @@ def test_a_swallowed_interrupt_still_stops_the_process(tmp_path: Path) -> None:
         "import sys, time\n"
         "from codesign import interrupt\n"
         "with interrupt.handling():\n"
-        "    print('ready', flush=True)\n"
+        "    ready = False\n"
         "    while True:\n"
-        "        try:\n"
+        "        try:\n"  # 'ready' inside the try: the signal may land right after it
+        "            if not ready:\n"
+        "                ready = print('ready', flush=True) or True\n"
         "            time.sleep(0.05)\n"
         "        except KeyboardInterrupt:\n"
         "            pass\n"
