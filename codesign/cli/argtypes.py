@@ -5,26 +5,26 @@ from __future__ import annotations
 import argparse
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1 (counts such as --repeat)."""
+def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (give 1 or more)") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: give 1 or more")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an integer (give {low} or more)"
+        ) from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: give {low} or more")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (counts such as --repeat)."""
+    return _int_at_least(text, 1)
 
 
 def non_negative_int(text: str) -> int:
     """An integer >= 0 (trial counts, milliseconds)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (give 0 or more)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: give 0 or more")
-    return value
+    return _int_at_least(text, 0)
 
 
 def positive_float(text: str) -> float:
