@@ -24,6 +24,8 @@ warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
+# Tests sit in one folder per package part (tests/<part>/); the shared helpers stay here.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import pytest
 
 from codesign.artifact.verify import verify_artifact
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PINS = ["apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post1", "numpy"]
 _RECIPE = re.compile(r"<!-- recipe:start -->\s*```python\n(.*?)```\s*<!-- recipe:end -->", re.S)
 _OFFLINE = ("NewConnectionError", "Temporary failure in name resolution", "Network is unreachable")
