@@ -82,6 +82,27 @@ CREATE TABLE IF NOT EXISTS networks (
 _SCHEMA += TUNING_BUDGETS_TABLE + ";\n"
 
 
+def layer_key(
+    op: str,
+    input_shape: tuple[int, ...],
+    *,
+    out: int,
+    kernel: int = 1,
+    stride: int = 1,
+    padding: int = 0,
+    groups: int = 1,
+    precision: str = "fp32",
+) -> str:
+    """The LUT key of one layer of a network that has no BlockSpecs (HAQ and AMC on your own
+    CNN): the layer alone, float32 in and out, at `precision`, e.g.
+    `layer:conv2d:1x16x8x8:o32:k3:s1:p1:g1:int8`, `layer:linear:1x64:o10:fp32`. Block keys
+    never start with `layer:`, so both kinds live in one `entries` table."""
+    shape = "x".join(str(int(v)) for v in input_shape)
+    if op == "linear":
+        return f"layer:linear:{shape}:o{out}:{precision}"
+    return f"layer:{op}:{shape}:o{out}:k{kernel}:s{stride}:p{padding}:g{groups}:{precision}"
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """One stored measurement of a block (or whole network) on a target."""
