@@ -8,11 +8,12 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pipeline",
-        help="LUT -> latency model -> search -> compress -> compile -> verified artifact + report",
+        help="LUT -> latency model -> search -> prune -> quantize -> compile -> verified "
+        "artifact + report",
         description="Run (or resume) the whole co-design job into OUT: every stage is cached, a "
         "re-run skips finished stages and redoes those whose inputs changed. Without --config "
-        "the embedded default runs: the tiny space on mnist5k for this machine's x86 CPU "
-        "(about 10 minutes on 2 cores).",
+        "the embedded default runs: the tiny space on mnist5k for this machine's x86 CPU, searched, "
+        "pruned (AMC) and quantised (HAQ) (about 10 minutes on 2 cores).",
     )
     p.add_argument("--config", default=None, help="TOML file (see --show-config for the keys)")
     p.add_argument("--out", default=None, help="output directory (artifact, report, caches)")
@@ -47,6 +48,10 @@ def _pipeline(args: argparse.Namespace) -> int:
         f"budget        {res.summary['budget']['budget_ms']:.4g} ms; searched network "
         f"{search['measured_ms']:.4g} ms measured, {search['accuracy']:.2f}% val"
     )
+    for step in res.summary["compress"]["steps"][1:]:
+        acc = "–" if step.get("acc") is None else f"{step['acc']:.2f}%"
+        ms = "–" if step.get("measured_ms") is None else f"{step['measured_ms']:.4g} ms"
+        print(f"{step['step']:<14} {ms} measured, {acc} val")
     lat = f"{art['latency_ms']:.4g} ms" if art["latency_ms"] is not None else "not measured"
     acc = f"{art['accuracy']:.2f}%" if art["accuracy"] is not None else "–"
     print(f"artifact      {res.artifact}: {lat}, {acc} (compiled, val)")

@@ -4,7 +4,9 @@
     result = run(load_config(None), "out/")        # the embedded default (tiny, mnist5k, x86)
     result.summary["artifact"]                      # measured latency and accuracy of the artifact
 
-Stage functions (stage_lut, stage_latency, stage_search, ...) live in codesign.pipeline.run.
+The stages (stage_lut, stage_latency, stage_search, ..., stage_prune, stage_quantize) live in
+codesign.pipeline.stages, the stage cache in codesign.pipeline.cache, the DAG in
+codesign.pipeline.run.
 """
 
 from codesign.pipeline.config import ConfigError, PipelineConfig, load_config

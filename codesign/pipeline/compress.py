@@ -1,24 +1,32 @@
-"""The pipeline's compression stage: AMC channel pruning of the searched
-network, under `[compress] budget_fraction` x the searched network's predicted latency (the
-search already meets the search budget; compression buys the rest)."""
+"""The pipeline's compression steps, in the order they run on the searched network:
+
+- `prune`: AMC channel pruning under `[compress] budget_fraction` x the searched network's
+  predicted latency (the search already meets the search budget; compression buys the rest);
+- `quantize`: HAQ mixed precision of the (pruned) network under `[compress] haq_budget_fraction`
+  x its LUT latency in float, raised to the cheapest policy the target's menu can reach; the
+  quantised network is saved as a model directory that `compile_artifact` ships.
+
+Each returns the accuracy and measured latency before and after its step."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from codesign.pipeline.config import ConfigError, PipelineConfig
+from codesign.pipeline.config import PipelineConfig
 
 
-def compress(
+def prune(
     cfg: PipelineConfig,
     model_dir: Path,
     db: Path,
     model_path: str,
-    budget_ms: float,
     work: Path,
     progress: bool,
 ) -> dict[str, Any]:
+    """AMC on the searched model directory; returns the policy, accuracy and measured latency
+    before and after, and the per-layer kept ratios for the report."""
     from codesign.latency.model import LatencyModel
     from codesign.model_dir import load_model
 
@@ -26,9 +34,7 @@ def compress(
     lat = LatencyModel.load(model_path, db)
     base_ms = lat.predict_blocks(net.specs)
     target_ms = cfg.compress.budget_fraction * base_ms
-    if cfg.compress.method == "amc":
-        return _amc(cfg, model_dir, db, model_path, target_ms, work, progress)
-    raise ConfigError(f"unknown compression method {cfg.compress.method!r}")
+    return _amc(cfg, model_dir, db, model_path, target_ms, work, progress)
 
 
 def _amc(
@@ -60,6 +66,9 @@ def _amc(
         measure=True,
         artifact=False,
         raise_budget_to_floor=True,
+        # pruned shapes are priced by the fitted latency model (measuring every new shape of
+        # every episode would multiply the stage's time); the result is measured after
+        missing="predict",
         protocol=MeasureProtocol(repeat=cfg.lut.repeat, min_repeat_ms=cfg.lut.min_repeat_ms),
     )
     config = AMCConfig(
@@ -84,5 +93,92 @@ def _amc(
             "labels": [str(k) for k in ratios],
             "ylabel": "kept channel ratio",
             "title": f"AMC policy ({r['episodes']} episodes, budget {target_ms:.3g} ms)",
+        },
+    }
+
+
+def quantize(
+    cfg: PipelineConfig,
+    model_dir: Path,
+    db: Path,
+    before: dict[str, Any],
+    work: Path,
+    progress: bool,
+) -> dict[str, Any]:
+    """HAQ on the model directory `model_dir` (float); `before` holds its accuracy and measured
+    latency. Writes `work/model` (the quantised model directory) and `work/search.pt` (the
+    resumable DDPG checkpoint); the precision LUT rows go into the pipeline's LUT `db`."""
+    from codesign.compression.ddpg import DDPGConfig
+    from codesign.compression.haq.env import HAQConfig, HAQEnv
+    from codesign.compression.haq.pipeline import (
+        QuantizeConfig,
+        evaluate_policy,
+        prepare,
+        run_haq,
+    )
+    from codesign.compression.quant.qat import QATConfig
+    from codesign.compression.quant.saved import save_quantized_model
+    from codesign.data import load_dataset
+    from codesign.measurement import MeasureProtocol
+    from codesign.model_dir import load_model
+
+    c, seed = cfg.compress, cfg.task.seed
+    net, meta = load_model(model_dir)
+    data = load_dataset(cfg.task.dataset, tuple(net.input_shape[1:]), seed=seed)
+    qcfg = QuantizeConfig(
+        "latency",
+        1.0,  # set below, once the precision LUT prices the float network
+        episodes=c.haq_episodes,
+        trials=cfg.lut.trials,
+        seed=seed,
+        calib_images=min(256, c.haq_qat_images),
+        val_images=c.haq_val_images,
+        search_qat=QATConfig(images=c.haq_qat_images, seed=seed),
+        final_qat=QATConfig(images=4 * c.haq_qat_images, epochs=2, seed=seed),
+        ddpg=DDPGConfig(seed=seed, warmup_episodes=max(1, c.haq_episodes // 3)),
+        protocol=MeasureProtocol(repeat=cfg.lut.repeat, min_repeat_ms=cfg.lut.min_repeat_ms),
+    )
+    prep = prepare(net, data, cfg.target.targets[0], db, qcfg, progress=progress)
+    probe = HAQEnv(
+        prep.net, data, prep.ranges, prep.menu, prep.latency,
+        HAQConfig("latency", float("inf"), qat=qcfg.search_qat, val_images=c.haq_val_images),
+    )  # fmt: skip
+    float_ms = probe.cost(probe.float_policy)
+    floor_ms = probe.cost(probe.min_cost_policy())
+    asked_ms = c.haq_budget_fraction * float_ms
+    qcfg = replace(qcfg, budget=max(asked_ms, floor_ms))
+    policy, summary = run_haq(prep, qcfg, work / "search.pt", progress=progress)
+    res = evaluate_policy(prep, policy, qcfg.final_qat, qcfg.val_images, qcfg.protocol)
+    qnet, _ = res.pop("qnet"), res.pop("built")
+    dest = work / "model"
+    save_quantized_model(
+        dest,
+        qnet,
+        policy,
+        prep.ranges,
+        meta,
+        accuracy=res["acc"],
+        extra={"quantize": {"from": str(model_dir), "target": prep.target.key}},
+    )
+    return {
+        "method": "haq",
+        "model_dir": str(dest),
+        "float_model_dir": str(model_dir),
+        "policy": policy.encode(),
+        "budget_ms": qcfg.budget,
+        "budget_asked_ms": asked_ms,
+        "float_lut_ms": float_ms,
+        "lut_ms": res["lut_ms"],
+        "size_mb": res["size_mb"],
+        "precisions": res["precisions"],
+        "before": before,
+        "after": {"acc": res["acc"], "measured_ms": res["ms"], "val_images": res["val_images"]},
+        "acc_fakequant": res["acc_fakequant"],
+        "search": {k: v for k, v in summary.items() if k != "history"},
+        "per_layer": {
+            "values": [float(lb.w) for lb in policy.layers],
+            "labels": [f"{i + 1} {p}" for i, p in enumerate(policy.layer_precisions())],
+            "ylabel": "weight bits per layer",
+            "title": f"HAQ policy ({c.haq_episodes} episodes, budget {qcfg.budget:.3g} ms LUT)",
         },
     }

@@ -5,7 +5,7 @@
     [lut]       MetaSchedule trials per unique task (0 = TVM's default schedules), LUT file
     [latency]   how many whole networks to measure for the latency model
     [search]    strategy, supernet epochs, retrain epochs
-    [compress]  none | amc | haq, episodes
+    [compress]  methods: amc (prune) then haq (quantize), each optional; their budgets
     [compile]   tuning trials for the final network (default: the LUT's budget), focus trials
 
 The embedded default (no file) is the tiny space on mnist5k for this machine's x86 CPU, sized to
@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -65,12 +66,65 @@ class SearchConfig:
     baselines: tuple[str, ...] = ("k3e3", "k3e6", "k7e6")  # uniform networks to compare with
 
 
+COMPRESS_METHODS = ("amc", "haq")  # in the order they run: prune, then quantize
+
+
 @dataclass(frozen=True, slots=True)
 class CompressConfig:
-    method: str = "amc"  # amc | none  (haq: `codesign quantize`)
-    episodes: int = 30
-    finetune_epochs: int = 2
-    budget_fraction: float = 0.75  # of the searched network's predicted latency
+    """`methods` run in order on the searched network: amc (channel pruning), then haq (mixed
+    precision); [] ships the searched network. The amc keys are `episodes`, `finetune_epochs`,
+    `budget_fraction`; the haq keys start with `haq_`."""
+
+    methods: tuple[str, ...] = COMPRESS_METHODS
+    episodes: int = 30  # AMC
+    finetune_epochs: int = 2  # AMC
+    budget_fraction: float = 0.75  # AMC: of the searched network's predicted latency
+    haq_episodes: int = 6
+    haq_budget_fraction: float = 0.8  # of the pruned network's LUT latency (raised to the floor)
+    haq_qat_images: int = 256  # fine-tuning images per episode (and x4 for the final policy)
+    haq_val_images: int = 300  # validation images for the reward and the compiled accuracy
+
+    def amc_keys(self) -> dict[str, Any]:
+        """The keys the prune stage reads (its cache identity)."""
+        return {
+            "on": "amc" in self.methods,
+            "episodes": self.episodes,
+            "finetune_epochs": self.finetune_epochs,
+            "budget_fraction": self.budget_fraction,
+        }
+
+    def haq_keys(self) -> dict[str, Any]:
+        """The keys the quantize stage reads (its cache identity)."""
+        return {"on": "haq" in self.methods} | {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith("haq_")
+        }
+
+
+def compress_compat(values: dict[str, Any]) -> dict[str, Any]:
+    """[compress] values with the old `method = "amc" | "haq" | "none"` key mapped onto
+    `methods` (a deprecation warning says how to write it now)."""
+    if "method" not in values:
+        return values
+    values = dict(values)
+    old = values.pop("method")
+    if "methods" in values:
+        raise ConfigError(
+            "[compress] has both `method` (deprecated) and `methods`; keep only `methods`"
+        )
+    if not isinstance(old, str) or old not in ("none", *COMPRESS_METHODS):
+        raise ConfigError(
+            f"[compress] method (deprecated) must be none, amc or haq, got {old!r}; write "
+            f'`methods = ["amc", "haq"]` (any of them, in that order) instead'
+        )
+    new = () if old == "none" else (old,)
+    warnings.warn(
+        f'[compress] method = "{old}" is deprecated: write methods = {list(new)!r} '
+        '(the default runs both: ["amc", "haq"])'.replace("'", '"'),
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    values["methods"] = new
+    return values
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,18 +174,10 @@ class PipelineConfig:
             raise ConfigError("[target] latency_ms must be positive")
         if not 0 < self.target.budget_fraction <= 1:
             raise ConfigError("[target] budget_fraction must be in (0, 1]")
-        if self.compress.method == "haq":
-            raise ConfigError(
-                "[compress] method = 'haq' is not available inside the pipeline yet: HAQ's "
-                "integer module is not packaged as an artifact. Use 'amc' or 'none' here, then "
-                "run `codesign quantize --model OUT/stages/search ...` on the searched network"
-            )
-        if self.compress.method not in ("none", "amc"):
-            raise ConfigError(
-                f"[compress] method must be none or amc, got {self.compress.method!r}"
-            )
-        if not 0 < self.compress.budget_fraction <= 1:
-            raise ConfigError("[compress] budget_fraction must be in (0, 1]")
+        _check_methods(self.compress.methods)
+        for key in ("budget_fraction", "haq_budget_fraction"):
+            if not 0 < getattr(self.compress, key) <= 1:
+                raise ConfigError(f"[compress] {key} must be in (0, 1]")
         if self.search.strategy not in ("proxyless", "evolution"):
             raise ConfigError("[search] strategy must be proxyless or evolution")
         if not 0 < self.latency.test_fraction < 1:
@@ -146,6 +192,9 @@ class PipelineConfig:
             ("search.batch_size", self.search.batch_size, 1),
             ("compress.episodes", self.compress.episodes, 1),
             ("compress.finetune_epochs", self.compress.finetune_epochs, 0),
+            ("compress.haq_episodes", self.compress.haq_episodes, 1),
+            ("compress.haq_qat_images", self.compress.haq_qat_images, 1),
+            ("compress.haq_val_images", self.compress.haq_val_images, 1),
             ("compile.trials", self.compile.trials or 0, 0),
             ("compile.focus_trials", self.compile.focus_trials, 0),
         ):
@@ -159,6 +208,24 @@ class PipelineConfig:
             except CodesignError as err:
                 raise ConfigError(f"[target] targets: {err}") from None
         return self
+
+
+def _check_methods(methods: tuple[str, ...]) -> None:
+    """Known names, each once, in the order they run (prune before quantize)."""
+    bad = [m for m in methods if m not in COMPRESS_METHODS]
+    if bad:
+        hint = " (`none` is now an empty list: methods = [])" if "none" in bad else ""
+        raise ConfigError(
+            f"[compress] methods: unknown method(s) {', '.join(map(repr, bad))}; choose from "
+            f"{', '.join(COMPRESS_METHODS)} (amc prunes, haq quantizes){hint}"
+        )
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"[compress] methods lists a method twice: {list(methods)}")
+    if list(methods) != [m for m in COMPRESS_METHODS if m in methods]:
+        raise ConfigError(
+            f"[compress] methods = {list(methods)}: amc must come before haq (a quantised "
+            "network cannot be pruned); write them in that order"
+        )
 
 
 _TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,)}
@@ -228,14 +295,14 @@ def from_dict(data: dict[str, Any]) -> PipelineConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"[{section}] must be a table")
         known = {f.name for f in fields(cls)}
-        bad = set(values) - known
+        bad = set(values) - known - ({"method"} if section == "compress" else set())
         if bad:
             raise ConfigError(
                 f"unknown key(s) {', '.join(sorted(bad))} in [{section}]; known: "
                 f"{', '.join(sorted(known))}"
             )
-        values = dict(values)
-        for key in ("targets", "baselines"):
+        values = compress_compat(values) if section == "compress" else dict(values)
+        for key in ("targets", "baselines", "methods"):
             if key in values:
                 t = values[key]
                 values[key] = (t,) if isinstance(t, str) else tuple(t)

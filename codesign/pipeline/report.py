@@ -49,10 +49,10 @@ def _figures(out: Path, cfg: PipelineConfig, s: dict[str, Any]) -> dict[str, Pat
     )
     art = s["artifact"]
     if art["latency_ms"] is not None and art["accuracy"] is not None:
-        method = s["compress"]["method"]
+        methods = "+".join(s["compress"]["methods"])
         points.append(
             {
-                "label": "artifact" if method == "none" else f"artifact ({method})",
+                "label": f"artifact ({methods})" if methods else "artifact",
                 "acc": art["accuracy"],
                 "ms": art["latency_ms"],
                 "kind": "shipped",
@@ -62,15 +62,16 @@ def _figures(out: Path, cfg: PipelineConfig, s: dict[str, Any]) -> dict[str, Pat
     scatter = s["latency"].get("scatter")
     if scatter and Path(scatter).exists():
         figs["scatter"] = Path(scatter)
-    policy = s["compress"].get("per_layer")
-    if policy:
-        figs["policy"] = plots.per_layer(
-            policy["values"],
-            policy["labels"],
-            fig_dir / "policy.png",
-            policy["ylabel"],
-            policy["title"],
-        )
+    for step in ("prune", "quantize"):
+        policy = s[step].get("per_layer")
+        if policy:
+            figs[f"{step}_policy"] = plots.per_layer(
+                policy["values"],
+                policy["labels"],
+                fig_dir / f"{step}_policy.png",
+                policy["ylabel"],
+                policy["title"],
+            )
     return figs
 
 
@@ -93,7 +94,7 @@ def _markdown(cfg: PipelineConfig, s: dict[str, Any], figs: dict[str, Path], out
                     f"{_f(search['predicted_ms'])} / {_f(search['measured_ms'])}",
                 ],
                 ["searched: validation accuracy (%)", search["accuracy"]],
-                ["compression", s["compress"]["method"]],
+                ["compression", " then ".join(s["compress"]["methods"]) or "none"],
                 ["shipped artifact: measured latency (ms)", art["latency_ms"]],
                 ["shipped artifact: accuracy, compiled (%)", art["accuracy"]],
                 ["re-loaded with the plain runtime (ms)", s["verify"]["reloaded_ms"]],
@@ -157,22 +158,7 @@ def _markdown(cfg: PipelineConfig, s: dict[str, Any], figs: dict[str, Path], out
             lines += [f"![latency model]({rel['scatter']})", ""]
     else:
         lines += ["LUT sum only (no whole networks measured: [latency] networks = 0).", ""]
-    comp = s["compress"]
-    lines += ["## Compression", ""]
-    if comp["method"] == "none":
-        lines += ["None ([compress] method = none): the searched network is shipped.", ""]
-    else:
-        lines += [f"Method: {comp['method']}; policy `{comp.get('policy', '')}`.", ""]
-        for k in ("before", "after"):
-            if k in comp:
-                v = comp[k]
-                lines.append(
-                    f"- {k}: {_f(v.get('acc'))}% validation accuracy, "
-                    f"{_f(v.get('measured_ms'))} ms measured"
-                )
-        if "policy" in rel:
-            lines += ["", f"![policy]({rel['policy']})"]
-        lines.append("")
+    lines += _compression_lines(s, rel)
     lines += ["## Artifacts", ""]
     rows = []
     for target, a in s["artifacts"].items():
@@ -227,6 +213,45 @@ def _markdown(cfg: PipelineConfig, s: dict[str, Any], figs: dict[str, Path], out
         "",
     ]
     return "\n".join(lines)
+
+
+def _compression_lines(s: dict[str, Any], rel: dict[str, Path]) -> list[str]:
+    """Accuracy and measured latency after each step (search, prune, quantize), the policies."""
+    comp = s["compress"]
+    lines = ["## Compression", ""]
+    if not comp["methods"]:
+        lines += ["None ([compress] methods = []): the searched network is shipped.", ""]
+    rows = [[st["step"], st.get("acc"), st.get("measured_ms")] for st in comp["steps"]]
+    art = s["artifact"]
+    rows.append(["shipped artifact (compiled)", art["accuracy"], art["latency_ms"]])
+    lines += [
+        _table(["after step", "accuracy (%)", "measured ms"], rows),
+        "",
+        "Search and prune accuracies are PyTorch's on the validation split; quantize and the "
+        "artifact are the compiled module's (quantize on [compress] haq_val_images images). "
+        "Every latency is measured on the target.",
+        "",
+    ]
+    # the latency package may add how many candidates were measured instead of predicted
+    counted = {k: s[k].get("measured_candidates") for k in ("prune", "quantize") if k in s}
+    if any(v is not None for v in counted.values()):
+        lines += [
+            "Candidates measured instead of predicted: "
+            + ", ".join(f"{k} {_f(v)}" for k, v in counted.items() if v is not None),
+            "",
+        ]
+    for step in ("prune", "quantize"):
+        out = s[step]
+        if not out.get("method"):
+            continue
+        lines.append(
+            f"- {step} ({out['method']}): policy `{out.get('policy', '')}`, budget "
+            f"{_f(out.get('budget_ms'))} ms (asked {_f(out.get('budget_asked_ms'))} ms)"
+        )
+        if f"{step}_policy" in rel:
+            lines += ["", f"![{step} policy]({rel[f'{step}_policy']})", ""]
+    lines.append("")
+    return lines
 
 
 def _budget_note(cfg: PipelineConfig, b: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ import pytest
 from codesign.errors import BuildError
 from codesign.pipeline import STAGES
 from codesign.pipeline.config import ConfigError, PipelineConfig, from_dict, load_config, to_toml
-from codesign.pipeline.stages import StageRunner
+from codesign.pipeline.cache import StageRunner
 
 
 # ------------------------------------------------------------------ configuration
@@ -36,8 +36,15 @@ def test_default_config_round_trips_through_toml(tmp_path: Path) -> None:
     [
         ({"serach": {}}, r"unknown section \[serach\]"),
         ({"search": {"epoch": 3}}, r"unknown key\(s\) epoch in \[search\]"),
-        ({"compress": {"method": "prune"}}, "none or amc"),
-        ({"compress": {"method": "haq"}}, "codesign quantize"),
+        ({"compress": {"method": "prune"}}, "none, amc or haq, got 'prune'.*methods ="),
+        ({"compress": {"methods": ["amc", "qat"]}}, r"unknown method\(s\) 'qat'; choose from"),
+        ({"compress": {"methods": ["none"]}}, r"methods = \[\]"),
+        ({"compress": {"methods": ["haq", "amc"]}}, "amc must come before haq"),
+        ({"compress": {"methods": ["amc", "amc"]}}, "lists a method twice"),
+        ({"compress": {"methods": "amc,haq"}}, "unknown method"),
+        ({"compress": {"methods": ["amc"], "method": "amc"}}, "keep only `methods`"),
+        ({"compress": {"haq_budget_fraction": 0}}, r"haq_budget_fraction must be in \(0, 1\]"),
+        ({"compress": {"haq_episodes": 0}}, r"haq_episodes must be >= 1"),
         ({"target": {"targets": ["x87"]}}, "x87"),
         ({"task": {"space": "nope"}}, "nope"),
         ({"latency": {"networks": 3}}, "at least 8"),
@@ -49,6 +56,27 @@ def test_bad_config_is_a_clear_error(data: dict, match: str) -> None:
 
     with pytest.raises(CodesignError, match=match):
         from_dict(data)
+
+
+def test_compress_methods_chain_by_default_and_the_old_key_still_reads(tmp_path: Path) -> None:
+    from codesign.pipeline.run import with_overrides
+
+    cfg = load_config(None)
+    assert cfg.compress.methods == ("amc", "haq")  # the default ships the quantised network
+    assert from_dict({"compress": {"methods": ["haq"]}}).compress.methods == ("haq",)
+    assert from_dict({"compress": {"methods": []}}).compress.methods == ()
+    for old, new in (("amc", ("amc",)), ("haq", ("haq",)), ("none", ())):
+        with pytest.warns(DeprecationWarning, match=f'method = "{old}" is deprecated'):
+            assert from_dict({"compress": {"method": old}}).compress.methods == new
+        with pytest.warns(DeprecationWarning):
+            assert with_overrides(cfg, compress={"method": old}).compress.methods == new
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(from_dict({"compress": {"methods": []}})))
+    assert load_config(path).compress.methods == ()  # an empty list round-trips
+    # each step's cache identity holds only its own keys: a HAQ key leaves prune cached
+    haq = with_overrides(cfg, compress={"haq_episodes": 9})
+    assert haq.compress.amc_keys() == cfg.compress.amc_keys()
+    assert haq.compress.haq_keys() != cfg.compress.haq_keys()
 
 
 def test_missing_or_broken_config_file(tmp_path: Path) -> None:
