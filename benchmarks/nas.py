@@ -7,7 +7,7 @@
 2. Baselines: uniform k3e6 networks at width multipliers 0.5/0.75/1.0/1.25 (spaces tiny-w0.5 ..),
    trained with the same recipe as the searched nets' retraining, measured through TVM.
 3. Three latency targets on x86 (fractions of the measured width-1.0 baseline): ProxylessNAS
-   search -> derive -> measure -> retrain (`codesign.search.run.run_search`, resumable).
+   search -> derive -> measure -> retrain (`codesign.search.run.run_search_job`, resumable).
 4. Front and speedup: a searched net is on the front when no baseline measured at or below its
    latency is more accurate; speedup at equal accuracy = the measured ms of the nearest baseline
    of equal or lower accuracy over the searched net's.
@@ -30,7 +30,7 @@ from common import machine, write_result  # noqa: E402
 from codesign.data import load_dataset  # noqa: E402
 from codesign.measurement import MeasureProtocol  # noqa: E402
 from codesign.search.hardware import ensure_lut, measure_arch  # noqa: E402
-from codesign.search.run import SearchJob, run_search  # noqa: E402
+from codesign.search.run import SearchJob, SearchSettings, run_search_job  # noqa: E402
 from codesign.search.space import get_space  # noqa: E402
 from codesign.search.strategies import retrain  # noqa: E402
 from codesign.targets import parse_target  # noqa: E402
@@ -87,12 +87,14 @@ def main() -> int:
             latency_ms=round(ms, 4),
             dataset=args.dataset,
             db=str(db),
-            epochs=epochs,
-            retrain_epochs=retrain_epochs,
-            loss=args.loss,
-            repeat=repeat,
-            min_repeat_ms=min_ms,
-            seed=args.seed,
+            settings=SearchSettings(
+                epochs=epochs,
+                retrain_epochs=retrain_epochs,
+                loss=args.loss,
+                repeat=repeat,
+                min_repeat_ms=min_ms,
+                seed=args.seed,
+            ),
         )
 
     # ---------------------------------------------------------------- baselines
@@ -127,7 +129,7 @@ def main() -> int:
     targets = []
     for i, frac in enumerate(args.fractions):
         t_ms = frac * ref["measured_ms"]
-        rep = run_search(job(main_t, t_ms), work / f"target{i}-{main_t.key}")
+        rep = run_search_job(job(main_t, t_ms), work / f"target{i}-{main_t.key}")
         searched = {
             "acc": rep["accuracy"],
             "predicted_ms": rep["predicted_ms"],
@@ -153,8 +155,8 @@ def main() -> int:
     # ---------------------------------------------------------------- specialization
     mid = args.fractions[1]
     ref_other = ref["measured_ms_other_target"]
-    rep_other = run_search(job(other_t, mid * ref_other), work / f"target1-{other_t.key}")
-    rep_main = run_search(job(main_t, mid * ref["measured_ms"]), work / f"target1-{main_t.key}")
+    rep_other = run_search_job(job(other_t, mid * ref_other), work / f"target1-{other_t.key}")
+    rep_main = run_search_job(job(main_t, mid * ref["measured_ms"]), work / f"target1-{main_t.key}")
     nets = {main_t.key: rep_main, other_t.key: rep_other}
     matrix = {}
     for searched_for, rep in nets.items():

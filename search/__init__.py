@@ -7,7 +7,7 @@ objective   latency-aware losses (multiplicative / additive) and SearchError
 proxyless   ProxylessSearch (gradient strategy), derive_arch
 evolution   evolve (mutation + crossover under a hard latency constraint)
 netconfig   ProxylessNAS net.config import / export
-run         run_search: search -> derive + measure -> retrain -> model directory + report
+run         search_arch / run_search_job: search -> derive + measure -> retrain -> model directory + report
 """
 
 from codesign.search.space import Layer, SearchSpace, Stage, get_space, list_spaces, register_space

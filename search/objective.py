@@ -22,8 +22,7 @@ from typing import Any
 import torch
 
 from codesign.errors import CodesignError
-
-FORMS = ("mul", "add", "hinge")
+from codesign.search.settings import FORMS  # the loss forms' names live with the settings
 
 
 class SearchError(CodesignError, ValueError):

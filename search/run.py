@@ -4,7 +4,7 @@ Two entry points:
 
     search_arch(space, model, data, latency_ms, out, settings=...)   Python objects in (the
         pipeline's entry): a SearchSpace, a LatencyModel (or a model file + `lut=`), a Dataset
-    run_search(SearchJob(...), out)   names in (the CLI's): builds the LUT if it lacks blocks,
+    run_search_job(SearchJob(...), out)   names in (the CLI's): builds the LUT if it lacks blocks,
         loads the dataset and the latency model, then calls search_arch
 
 OUT holds:
@@ -43,93 +43,34 @@ from codesign.search.hardware import (
     log,
     model_identity,
 )
-from codesign.search.objective import FORMS, LatencyObjective, SearchError
+from codesign.search.objective import LatencyObjective, SearchError
+from codesign.search.settings import ESTIMATORS, STRATEGIES, SearchSettings
 from codesign.search.space import SearchSpace, get_space
 from codesign.targets import Target, parse_target
 
-STRATEGIES = ("proxyless", "evolution")
-ESTIMATORS = ("binary", "reinforce")
-
-
-@dataclass(frozen=True, slots=True)
-class SearchSettings:
-    """How to search (everything but the inputs)."""
-
-    strategy: str = "proxyless"
-    epochs: int = 10
-    warmup_epochs: int | None = None  # default: epochs // 4 (proxyless)
-    retrain_epochs: int | None = None  # default: epochs; 0: no retraining (arch + measurement)
-    estimator: str = "binary"
-    loss: str = "mul"
-    batch_size: int = 32
-    lr: float = 0.05
-    arch_lr: float = 0.01
-    population: int = 24
-    generations: int = 8
-    repeat: int = 10
-    min_repeat_ms: int = 50
-    measure_rounds: int = 3
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name, value, allowed in (
-            ("strategy", self.strategy, STRATEGIES),
-            ("estimator", self.estimator, ESTIMATORS),
-            ("loss", self.loss, FORMS),
-        ):
-            if value not in allowed:
-                raise SearchError(f"{name} must be one of {allowed}, got {value!r}")
-        if self.epochs < 1 or (self.retrain_epochs is not None and self.retrain_epochs < 0):
-            raise SearchError("epochs must be >= 1 and retrain epochs >= 0")
-        if min(self.measure_rounds, self.batch_size, self.repeat, self.population) < 1:
-            raise SearchError("measure_rounds, batch_size, repeat and population must be >= 1")
-
-    @property
-    def retrain_for(self) -> int:
-        return self.epochs if self.retrain_epochs is None else self.retrain_epochs
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+__all__ = [
+    "ESTIMATORS",
+    "STRATEGIES",
+    "SearchJob",
+    "SearchResult",
+    "SearchSettings",
+    "run_search_job",
+    "search_arch",
+]
 
 
 @dataclass(frozen=True, slots=True)
 class SearchJob:
-    """A search named by strings (the CLI, the pipeline): space, target spec, dataset name or
-    path, LUT and model files, and the settings of `SearchSettings` flat (same defaults)."""
+    """A search named by strings (the CLI, benchmarks): space, target spec, dataset name or
+    path, LUT and model files, and how to search (`settings`)."""
 
     space: str
     target: str
     latency_ms: float
     dataset: str = "mnist5k"
-    strategy: str = "proxyless"
-    epochs: int = 10
-    warmup_epochs: int | None = None
-    retrain_epochs: int | None = None
     db: str | None = None  # default: OUT/lut.sqlite
     latency_model: str | None = None  # fitted model file; default: LUT only
-    estimator: str = "binary"
-    loss: str = "mul"
-    batch_size: int = 32
-    lr: float = 0.05
-    arch_lr: float = 0.01
-    population: int = 24
-    generations: int = 8
-    repeat: int = 10
-    min_repeat_ms: int = 50
-    measure_rounds: int = 3
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self.settings  # noqa: B018 - validates
-
-    @property
-    def settings(self) -> SearchSettings:
-        names = [f.name for f in dataclasses.fields(SearchSettings)]
-        return SearchSettings(**{n: getattr(self, n) for n in names})
-
-    @property
-    def retrain_for(self) -> int:  # so that a job can stand for its settings (retrain(job, ..))
-        return self.settings.retrain_for
+    settings: SearchSettings = field(default_factory=SearchSettings)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -326,7 +267,7 @@ def search_arch(
 
 
 # ------------------------------------------------------------------ CLI entry point
-def run_search(job: SearchJob, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
+def run_search_job(job: SearchJob, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) `job` in directory `out`; returns the report (also OUT/report.json)."""
     from codesign.latency.model import LatencyModel
     from codesign.measurement import MeasureProtocol

@@ -1,4 +1,4 @@
-"""The stages of `run_search`: search (proxyless | evolution), derive + measure, retrain.
+"""The stages of `search_arch`: search (proxyless | evolution), derive + measure, retrain.
 
 Each stage keeps its state in the output directory and resumes from it.
 """

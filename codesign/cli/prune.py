@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--missing",
         choices=("measure", "predict"),
-        default="measure",
+        default=None,  # PruneJob's default (measure): one home for it
         help="pruned block shapes absent from the LUT: measure them through TVM and store them "
         "in the LUT (default), or predict them with a per-block XGBoost model",
     )
@@ -99,7 +99,7 @@ def _prune(args: argparse.Namespace) -> int:
         out=args.out,
         db=args.db,
         latency_model=args.latency_model,
-        missing=args.missing,
+        **({} if args.missing is None else {"missing": args.missing}),
         trials=args.trials,
         measure=not args.no_measure,
         artifact=not args.no_artifact,

@@ -6,6 +6,13 @@ import argparse
 import json
 
 from codesign.cli.argtypes import non_negative_int, positive_float, positive_int
+from codesign.search.settings import ESTIMATORS, FORMS, STRATEGIES, SearchSettings, default
+
+# flags that are `SearchSettings` fields: their defaults come from there (one home)
+_SETTINGS = {
+    "strategy", "epochs", "warmup_epochs", "retrain_epochs", "estimator", "loss", "batch_size",
+    "lr", "arch_lr", "population", "generations", "repeat", "min_repeat_ms", "seed",
+}  # fmt: skip
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,39 +33,64 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="mnist5k, digits, an image folder ROOT/<class>/*.png or a CIFAR-10 batch directory",
     )
     p.add_argument("--out", required=True, help="output directory (resumable)")
-    p.add_argument("--strategy", choices=("proxyless", "evolution"), default="proxyless")
-    p.add_argument("--epochs", type=positive_int, default=10, help="supernet training epochs")
+    p.add_argument("--strategy", choices=STRATEGIES, default=default("strategy"))
     p.add_argument(
-        "--warmup-epochs", type=non_negative_int, default=None, help="default: epochs // 4"
+        "--epochs", type=positive_int, default=default("epochs"), help="supernet training epochs"
+    )
+    p.add_argument(
+        "--warmup-epochs",
+        type=non_negative_int,
+        default=default("warmup_epochs"),
+        help="default: epochs // 4",
     )
     p.add_argument(
         "--retrain-epochs",
         type=non_negative_int,
-        default=None,
+        default=default("retrain_epochs"),
         help="default: --epochs; 0: no retraining",
     )
     p.add_argument("--db", default=None, help="LUT file (default OUT/lut.sqlite; built if needed)")
     p.add_argument(
         "--latency-model", default=None, help="fitted model (`codesign latency fit`); default: LUT"
     )
-    p.add_argument("--estimator", choices=("binary", "reinforce"), default="binary")
+    p.add_argument("--estimator", choices=ESTIMATORS, default=default("estimator"))
     p.add_argument(
         "--loss",
-        choices=("mul", "add", "hinge"),
-        default="mul",
+        choices=FORMS,
+        default=default("loss"),
         help="mul: 0.2*CE*(log E/log T)^0.3 (ProxylessNAS); add: CE + 0.5*(E/T - 1); "
         "hinge: CE + 0.5*max(E/T - 1, 0) (only latency over the target costs)",
     )
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--lr", type=float, default=0.05, help="weight learning rate")
-    p.add_argument("--arch-lr", type=float, default=0.01, help="architecture learning rate")
-    p.add_argument("--population", type=positive_int, default=24, help="evolution population")
-    p.add_argument("--generations", type=positive_int, default=8, help="evolution generations")
-    p.add_argument("--repeat", type=positive_int, default=10, help="timed samples per measurement")
+    p.add_argument("--batch-size", type=positive_int, default=default("batch_size"))
+    p.add_argument("--lr", type=float, default=default("lr"), help="weight learning rate")
     p.add_argument(
-        "--min-repeat-ms", type=non_negative_int, default=50, help="minimum ms per sample"
+        "--arch-lr", type=float, default=default("arch_lr"), help="architecture learning rate"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--population",
+        type=positive_int,
+        default=default("population"),
+        help="evolution population",
+    )
+    p.add_argument(
+        "--generations",
+        type=positive_int,
+        default=default("generations"),
+        help="evolution generations",
+    )
+    p.add_argument(
+        "--repeat",
+        type=positive_int,
+        default=default("repeat"),
+        help="timed samples per measurement",
+    )
+    p.add_argument(
+        "--min-repeat-ms",
+        type=non_negative_int,
+        default=default("min_repeat_ms"),
+        help="minimum ms per sample",
+    )
+    p.add_argument("--seed", type=int, default=default("seed"))
     p.add_argument(
         "--torch-threads",
         type=positive_int,
@@ -88,7 +120,7 @@ def _search(args: argparse.Namespace) -> int:
 
     check_out_dir(args.out)
     check_text_file(args.latency_model, "latency model")
-    from codesign.search.run import SearchJob, run_search
+    from codesign.search.run import SearchJob, run_search_job
 
     if args.torch_threads:
         import torch
@@ -101,22 +133,9 @@ def _search(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         db=args.db,
         latency_model=args.latency_model,
-        strategy=args.strategy,
-        epochs=args.epochs,
-        warmup_epochs=args.warmup_epochs,
-        retrain_epochs=args.retrain_epochs,
-        estimator=args.estimator,
-        loss=args.loss,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        arch_lr=args.arch_lr,
-        population=args.population,
-        generations=args.generations,
-        repeat=args.repeat,
-        min_repeat_ms=args.min_repeat_ms,
-        seed=args.seed,
+        settings=SearchSettings(**{name: getattr(args, name) for name in _SETTINGS}),
     )
-    report = run_search(job, args.out, progress=not args.no_progress)
+    report = run_search_job(job, args.out, progress=not args.no_progress)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -137,7 +137,9 @@ class PruneJob:
     out: str
     db: str | None = None
     latency_model: str | None = None
-    missing: str = "predict"
+    # pruned block shapes absent from the LUT: "measure" them through TVM into the LUT (the
+    # default, as `codesign prune`), or "predict" them with the per-block XGBoost model
+    missing: str = "measure"
     trials: int = 0  # tuned LUTs: MetaSchedule trials per task of a new block shape
     measure: bool = True  # time the original and the pruned network side by side
     artifact: bool = True  # compile the pruned model into OUT/model.tar (`codesign compile`)

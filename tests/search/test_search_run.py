@@ -207,7 +207,7 @@ def test_cli_refuses_an_unreachable_target(lut, tmp_path: Path) -> None:
 
 
 def test_evolution_strategy_end_to_end(lut, model, tiny, tmp_path: Path) -> None:
-    from codesign.search.run import SearchJob, run_search
+    from codesign.search.run import SearchJob, SearchSettings, run_search_job
 
     target = round(0.8 * model.predict(tiny.uniform("k3e6")), 4)
     job = SearchJob(
@@ -216,14 +216,16 @@ def test_evolution_strategy_end_to_end(lut, model, tiny, tmp_path: Path) -> None
         latency_ms=target,
         dataset="digits",
         db=str(lut),
-        strategy="evolution",
-        epochs=1,
-        population=6,
-        generations=2,
-        repeat=3,
-        min_repeat_ms=5,
+        settings=SearchSettings(
+            strategy="evolution",
+            epochs=1,
+            population=6,
+            generations=2,
+            repeat=3,
+            min_repeat_ms=5,
+        ),
     )
-    report = run_search(job, tmp_path / "evo", progress=False)
+    report = run_search_job(job, tmp_path / "evo", progress=False)
     assert report["strategy"] == "evolution" and report["predicted_ms"] <= target
     evo = report["history"]["search"]["evolution"]
     assert len(evo) == 2 and all(h["best_predicted_ms"] <= target for h in evo)
