@@ -102,7 +102,7 @@ class CompressConfig:
 
 def compress_compat(values: dict[str, Any]) -> dict[str, Any]:
     """[compress] values with the old `method = "amc" | "haq" | "none"` key mapped onto
-    `methods` (a deprecation warning says how to write it now)."""
+    `methods` (a FutureWarning, shown by default, says how to write it now)."""
     if "method" not in values:
         return values
     values = dict(values)
@@ -120,7 +120,7 @@ def compress_compat(values: dict[str, Any]) -> dict[str, Any]:
     warnings.warn(
         f'[compress] method = "{old}" is deprecated: write methods = {list(new)!r} '
         '(the default runs both: ["amc", "haq"])'.replace("'", '"'),
-        DeprecationWarning,
+        FutureWarning,  # shown to users by default (a DeprecationWarning is hidden)
         stacklevel=3,
     )
     values["methods"] = new

@@ -15,8 +15,8 @@ import pytest
 
 from codesign.errors import BuildError
 from codesign.pipeline import STAGES
-from codesign.pipeline.config import ConfigError, PipelineConfig, from_dict, load_config, to_toml
 from codesign.pipeline.cache import StageRunner
+from codesign.pipeline.config import ConfigError, PipelineConfig, from_dict, load_config, to_toml
 
 
 # ------------------------------------------------------------------ configuration
@@ -66,9 +66,9 @@ def test_compress_methods_chain_by_default_and_the_old_key_still_reads(tmp_path:
     assert from_dict({"compress": {"methods": ["haq"]}}).compress.methods == ("haq",)
     assert from_dict({"compress": {"methods": []}}).compress.methods == ()
     for old, new in (("amc", ("amc",)), ("haq", ("haq",)), ("none", ())):
-        with pytest.warns(DeprecationWarning, match=f'method = "{old}" is deprecated'):
+        with pytest.warns(FutureWarning, match=f'method = "{old}" is deprecated'):
             assert from_dict({"compress": {"method": old}}).compress.methods == new
-        with pytest.warns(DeprecationWarning):
+        with pytest.warns(FutureWarning):
             assert with_overrides(cfg, compress={"method": old}).compress.methods == new
     path = tmp_path / "c.toml"
     path.write_text(to_toml(from_dict({"compress": {"methods": []}})))
@@ -154,7 +154,7 @@ epochs = 1
 retrain_epochs = 1
 baselines = ["k3e3"]
 [compress]
-method = "none"
+methods = []
 """
 
 
@@ -219,13 +219,70 @@ def test_pipeline_end_to_end_interrupted_and_resumed(tmp_path: Path) -> None:
     from codesign.pipeline.run import with_overrides
 
     amc = with_overrides(
-        load_config(cfg_file), compress={"method": "amc", "episodes": 2, "finetune_epochs": 1}
+        load_config(cfg_file), compress={"methods": ("amc",), "episodes": 2, "finetune_epochs": 1}
     )
     pruned = run(amc, out, progress=False)
-    assert pruned.summary["stages"]["ran"] == ["compress", "compile", "verify"]
-    c = pruned.summary["compress"]
+    assert pruned.summary["stages"]["ran"] == ["prune", "quantize", "compile", "verify"]
+    c = pruned.summary["prune"]
     assert c["method"] == "amc" and c["policy"]
     assert c["report"]["predicted_ms"] <= c["budget_ms"] + 1e-9
     shipped = pruned.summary["artifacts"]["x86"]["manifest"]["model"]
     assert shipped["policies"]["pruning"]["policy"] == c["policy"]
     assert pruned.report_html.read_text().count("data:image/png;base64,") >= 4  # + policy
+
+
+CHAIN = SMALL.replace("methods = []", 'methods = ["amc", "haq"]') + (
+    "episodes = 2\nfinetune_epochs = 1\nhaq_episodes = 2\nhaq_qat_images = 64\n"
+    "haq_val_images = 100\n"
+)
+
+
+@pytest.mark.slow
+def test_chained_pipeline_interrupted_after_prune_resumes_at_quantize(tmp_path: Path) -> None:
+    """search -> prune -> quantize -> compile, stopped (SIGINT) once quantize has started: the
+    re-run redoes neither search nor prune, finishes quantize and ships the quantised network;
+    the report shows accuracy and measured latency after each step."""
+    from codesign.pipeline import run
+
+    cfg_file, out = tmp_path / "chain.toml", tmp_path / "out"
+    cfg_file.write_text(CHAIN)
+    cmd = [sys.executable, "-m", "codesign.cli.main", "pipeline", "--config", str(cfg_file)]
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(out), "--no-progress"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 1800
+        while _stage_state(out, "quantize") is None:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.time() < deadline, "the quantize stage never started"
+            time.sleep(0.5)
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    assert not _stage_state(out, "quantize")["completed"]
+    pruned_at = _stage_state(out, "prune")["finished_at"]
+
+    res = run(load_config(cfg_file), out, progress=False)
+    s = res.summary
+    assert s["stages"]["ran"] == ["quantize", "compile", "verify"]
+    assert {"search", "prune"} <= set(s["stages"]["skipped"])
+    assert _stage_state(out, "prune")["finished_at"] == pruned_at
+    q = s["quantize"]
+    assert q["method"] == "haq" and q["policy"] and q["budget_ms"] >= q["budget_asked_ms"]
+    assert q["before"] == s["prune"]["after"]  # quantize starts from the pruned network
+    shipped = s["artifacts"]["x86"]["manifest"]["model"]["policies"]
+    assert shipped["quantization"] is not None and shipped["pruning"]["policy"]
+    assert [st["step"] for st in s["compress"]["steps"]] == [
+        "search", "prune (amc)", "quantize (haq)"
+    ]  # fmt: skip
+    assert all(st["measured_ms"] > 0 for st in s["compress"]["steps"])
+    assert s["artifact"]["latency_ms"] > 0 and 0 <= s["artifact"]["accuracy"] <= 100
+    md = res.report_md.read_text()
+    assert "| quantize (haq) |" in md and "| shipped artifact (compiled) |" in md
