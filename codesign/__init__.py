@@ -43,6 +43,7 @@ from codesign.targets import Target, host_threads, parse_target
 os.environ.setdefault("TVM_NUM_THREADS", str(host_threads()))
 
 if TYPE_CHECKING:
+    from codesign.artifact.imported import ImportReport
     from codesign.artifact.predictor import Predictor
 
 __version__ = "0.1.0"
@@ -63,6 +64,16 @@ def load(
     from codesign.artifact.predictor import load as _load
 
     return _load(path, device, session=session, threads=threads)
+
+
+def compile_model(model: Any, *, out: str | os.PathLike[str], **kwargs: Any) -> ImportReport:
+    """Compile an ONNX file, a .pt2 ExportedProgram, 'module:factory' (+ weights=), a
+    torch.nn.Module or an ExportedProgram into a verified artifact at `out`; keywords as
+    codesign.artifact.imported.compile_model (target, input_shape, preprocess, options, ...).
+    TVM is imported only when this is called."""
+    from codesign.artifact.imported import compile_model as _compile_model
+
+    return _compile_model(model, out=out, **kwargs)
 
 
 __all__ = [
@@ -90,6 +101,7 @@ __all__ = [
     "Target",
     "TargetError",
     "TuningError",
+    "compile_model",
     "get_space",
     "list_spaces",
     "load",

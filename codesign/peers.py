@@ -7,6 +7,7 @@
                                          f32: on AMX / AVX512-BF16 hosts it would run bf16)
     python_ms(fn)                        one call from Python, as a user's predict(x) costs
     time_peers(net, shape, threads, dir) both engines' per-call latency, or why one is missing
+    time_onnx(path, x, threads)          the same on an existing ONNX file
 
 Both engines are optional (the `bench` extra installs them): a missing one is reported, never
 an error. They serve the pipeline's report and benchmarks/runtime_vs_peers.py alike.
@@ -50,7 +51,8 @@ def onnxruntime_call(path: Path, threads: int) -> Call:
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return lambda x: sess.run(None, {"input": x})[0]
+    name = sess.get_inputs()[0].name  # "input" for export_onnx's files; others name their own
+    return lambda x: sess.run(None, {name: x})[0]
 
 
 def openvino_call(path: Path, threads: int) -> Call:
@@ -112,6 +114,14 @@ def time_peers(
     "missing" for an engine that is not installed or cannot run the network."""
     path = export_onnx(net, input_shape, Path(workdir) / "peer.onnx")
     x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
+    return time_onnx(path, x, threads, repeat=repeat, min_repeat_ms=min_repeat_ms)
+
+
+def time_onnx(
+    path: Path, x: np.ndarray, threads: int, *, repeat: int = 10, min_repeat_ms: float = 50.0
+) -> dict[str, Any]:
+    """`time_peers` on an ONNX file that exists already (e.g. the one `codesign compile` was
+    given), fed `x`."""
     out: dict[str, Any] = {"missing": {}}
     for name, make in ENGINES.items():
         try:

@@ -14,7 +14,8 @@ the same function, so a writer cannot produce what a reader refuses.
     target            spec, key, name, tvm (target JSON), device, threads, machine (ELF), ...
     tvm               version, ffi_version, pipeline (the compile recipe)
     weights           storage ("embedded") and what that means
-    model             arch string, space, blocks, policies, weights_sha256, dataset
+    model             arch string, space, blocks, policies, weights_sha256, dataset; imported
+                      models (source "onnx" / "torch"): no blocks, source_sha256, ops
     tuning            mode, database, database_digest, trials, seconds, task coverage
     latency           median/mean/std/min/max ms, protocol, where it was measured (or null)
     accuracy          top-1 of the compiled module on the validation split (or null)
@@ -55,6 +56,7 @@ _TRIPLE_PREFIX = {
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 MEMBER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64")
+IMPORTED_SOURCES = ("onnx", "torch")  # model.source of models compiled from a file or module
 
 
 def host_machine() -> str:
@@ -294,7 +296,8 @@ def _sections(d: Mapping[str, Any]) -> None:
     model = _get(d, "model", "", (dict,))
     _get(model, "arch", "model", (str,), nullable=True)
     blocks = _get(model, "blocks", "model", (list,))
-    if not blocks or not all(isinstance(b, str) for b in blocks):
+    imported = model.get("source") in IMPORTED_SOURCES  # no blocks: not from a search space
+    if (not blocks and not imported) or not all(isinstance(b, str) for b in blocks):
         raise _fail("model.blocks", "must be a non-empty list of block keys")
     _get(model, "policies", "model", (dict,))
     tuning = _get(d, "tuning", "", (dict,))

@@ -14,13 +14,21 @@ from codesign.cli.argtypes import non_negative_int, positive_float, positive_int
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compile",
-        help="compile a model directory into a verified artifact (.tar) for a target",
-        description="Compile DIR (model.json + weights.pt) for a target with the one compile "
-        "recipe, check the compiled outputs against PyTorch, measure accuracy and latency on the "
-        "target, and write one archive: the library (weights embedded), sample input/output and "
-        "manifest.json with sha256 of every file.",
+        help="compile a model directory, an ONNX file or a PyTorch model into a verified "
+        "artifact (.tar) for a target",
+        description="Compile DIR (model.json + weights.pt), an .onnx file, a .pt2 ExportedProgram "
+        "(torch.export.save) or 'module:factory' (+ --weights state_dict.pt) for a target with "
+        "the one compile recipe, check the compiled outputs against PyTorch (ONNX Runtime for "
+        "ONNX), measure latency on the target (imported models: beside ONNX Runtime and "
+        "OpenVINO), and write one archive: the library (weights embedded), sample input/output "
+        "and manifest.json with sha256 of every file.",
     )
-    p.add_argument("--model", required=True, help="model directory (model.json + weights.pt)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model directory (model.json + weights.pt), .onnx file, .pt2 file, or "
+        "'module:factory' (a function returning a torch.nn.Module)",
+    )
     p.add_argument("--target", required=True, help="target spec (see `codesign targets`)")
     p.add_argument("--out", required=True, help="archive to write (.tar, or .tar.gz/.tgz)")
     p.add_argument(
@@ -75,6 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--rpc-timeout", type=positive_float, default=60.0, help="seconds to get a server"
     )
+    _import_options(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress output")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=_compile)
@@ -112,6 +121,62 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 1x3x224x224") from None
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: dimensions must be positive integers")
+    return dims
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not numbers like 0.485,0.456,0.406"
+        ) from None
+
+
+def _import_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("imported models (.onnx, .pt2, module:factory)")
+    g.add_argument("--weights", default=None, help="state_dict (.pt) for a module:factory model")
+    g.add_argument(
+        "--input-shape",
+        type=_shape,
+        default=None,
+        help="input shape, e.g. 1x3x224x224: needed where the model has dynamic dimensions or "
+        "carries no shape (module:factory)",
+    )
+    g.add_argument("--input-dtype", default=None, help="input dtype (default: the model's)")
+    g.add_argument("--input-layout", default=None, help="input layout (default NCHW for 4-d)")
+    g.add_argument(
+        "--mean", type=_floats, default=None, help="per-channel mean, e.g. 0.485,0.456,0.406"
+    )
+    g.add_argument(
+        "--std", type=_floats, default=None, help="per-channel std, e.g. 0.229,0.224,0.225"
+    )
+    g.add_argument(
+        "--scale",
+        type=float,
+        default=1 / 255,
+        help="pixel scale before mean/std: x = (pixel * scale - mean) / std (default 1/255)",
+    )
+    g.add_argument(
+        "--check-input",
+        action="append",
+        default=[],
+        metavar="NPY",
+        help="an input (.npy) to check against the original model besides the random ones "
+        "(repeatable)",
+    )
+    g.add_argument(
+        "--no-peers", action="store_true", help="do not time ONNX Runtime and OpenVINO beside it"
+    )
+
+
 def _ms(value: Any) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.4g} ms"
 
@@ -120,7 +185,7 @@ def _summary(m: Any, path: str) -> list[str]:
     d = m.data
     lat, acc, eq, tun = d.get("latency"), d.get("accuracy"), d["equality"], d["tuning"]
     lines = [
-        f"{path}: {d['model'].get('arch') or 'network'} for {m.target_key} "
+        f"{path}: {d['model'].get('arch') or d['model'].get('label') or 'network'} for {m.target_key} "
         f"({m.machine} library, TVM {m.tvm_version}), input {m.input.name} "
         f"{list(m.input.shape)} {m.input.dtype}, {len(m.classes)} classes",
     ]
@@ -139,10 +204,21 @@ def _summary(m: Any, path: str) -> list[str]:
             f"(PyTorch {acc['torch_top1']:.2f}%)"
         )
     lines.append(
-        f"  equal to PyTorch on {eq['n_inputs']} inputs: max abs error {eq['max_abs_err']:.3g} "
+        f"  equal to {eq.get('reference', 'PyTorch')} on {eq['n_inputs']} inputs: max abs error {eq['max_abs_err']:.3g} "
         f"({eq['precision']} tolerance rtol {eq['rtol']:g}, atol {eq['atol']:g}) on "
         f"{eq['checked_on']}"
     )
+    per_call = (d.get("peers") or {}).get("per_call_ms") or {}
+    if per_call:
+        ours = per_call.get("codesign")
+        lines.append(
+            "  per call from Python: "
+            + ", ".join(
+                f"{k} {_ms(v)}"
+                + (f" (codesign/{k} {ours / v:.2f}x)" if ours and k != "codesign" else "")
+                for k, v in per_call.items()
+            )
+        )
     if tun["mode"] == "tuned":
         lines.append(
             f"  tuned: {tun.get('tasks_with_records')}/{tun.get('unique_tasks')} tasks with "
@@ -216,11 +292,11 @@ def _compile(args: argparse.Namespace) -> int:
             "--tune-trials, --focus-trials, --repeat and --min-repeat-ms must be >= 0 (repeat >= 1)"
         )
     opts = CompileOptions(
+        check_inputs=args.check_inputs,
         tune_trials=args.tune_trials,
         focus_trials=args.focus_trials,
         tuning_db=Path(args.tuning_db) if args.tuning_db else None,
         protocol=MeasureProtocol(repeat=args.repeat, min_repeat_ms=args.min_repeat_ms),
-        check_inputs=args.check_inputs,
         val_limit=args.val_limit,
         seed=args.seed,
         device_check=not args.no_device,
@@ -228,7 +304,10 @@ def _compile(args: argparse.Namespace) -> int:
         emulated=True if args.emulated else None,
         progress=not args.no_progress,
     )
-    report = compile_artifact(args.model, args.target, args.out, opts)
+    if Path(args.model).is_dir():
+        report = compile_artifact(args.model, args.target, args.out, opts)
+    else:
+        report = _compile_imported(args, opts)
     m = report.artifact.manifest
     if args.json:
         print(json.dumps(m.to_dict(), indent=2))
@@ -237,6 +316,39 @@ def _compile(args: argparse.Namespace) -> int:
         print(f"wrote {report.path} ({size / 1024:.0f} KiB) in {report.seconds['total']:.1f} s")
         print("\n".join(_summary(m, str(report.path))))
     return 0
+
+
+def _compile_imported(args: argparse.Namespace, opts: Any) -> Any:
+    """An .onnx / .pt2 / module:factory model: checked inputs read here, the rest in
+    codesign.artifact.imported.compile_model."""
+    import numpy as np
+
+    from codesign.artifact.imported import Preprocess, compile_model
+    from codesign.errors import InputError
+
+    prep = None
+    if (args.mean is None) != (args.std is None):
+        raise InputError("give --mean and --std together (one value per input channel)")
+    if args.mean is not None:
+        prep = Preprocess(mean=args.mean, std=args.std, scale=args.scale,
+                          color="L" if len(args.mean) == 1 else "RGB")  # fmt: skip
+    inputs = []
+    for path in args.check_input:
+        _check_input(path)
+        inputs.append(np.load(path, allow_pickle=False))
+    return compile_model(
+        args.model,
+        out=args.out,
+        target=args.target,
+        input_shape=args.input_shape,
+        input_dtype=args.input_dtype,
+        input_layout=args.input_layout,
+        weights=args.weights,
+        preprocess=prep,
+        inputs=inputs,
+        options=opts,
+        peers=not args.no_peers,
+    )
 
 
 def _verify(args: argparse.Namespace) -> int:

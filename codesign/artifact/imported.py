@@ -1,0 +1,329 @@
+"""`compile_model`: an ONNX file or a PyTorch model -> the same verified artifact.
+
+import (codesign.tvm_backend.frontend: operator check, Relax frontend, NHWC, weights bound)
+[tune its tasks into the tuning database]            tune_trials / focus_trials / tuning_db
+compile_module (analytic schedules + tuning records) and export the library
+on the target: equality with the original model (ONNX Runtime or PyTorch) on the given
+    inputs and seeded random ones (refuses to write on mismatch), latency with a
+    MeasureProtocol, and per call from Python beside ONNX Runtime and OpenVINO
+write the archive: model.so, sample input/output, manifest.json (input spec, preprocessing,
+    source file digest, operator summary, peers)
+"""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from codesign.artifact.checks import tolerance_for
+from codesign.artifact.manifest import FORMAT, LIBRARY, WEIGHTS_NOTE, expected_machine
+from codesign.artifact.pack import CompileOptions, _executor, _log, _npy
+from codesign.artifact.verify import Artifact, verify_artifact
+from codesign.errors import ArtifactError, EqualityError, InputError
+from codesign.measurement import MeasureProtocol
+from codesign.targets import Target, parse_target
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Raw image -> input, for models that do not carry it: x = (pixel * scale - mean) / std."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale: float = 1.0 / 255.0
+    color: str = "RGB"
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {
+            "color": self.color,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "layout": "NCHW",
+            "resize": "bilinear",
+            "pixel_range": [0.0, 255.0 * self.scale],
+            "scale": self.scale,
+        }
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    """What `compile_model` wrote and measured."""
+
+    artifact: Artifact
+    source: str
+    max_abs_diff: float
+    latency_ms: float | None
+    per_call_ms: dict[str, float]  # "codesign", "onnxruntime", "openvino" (those that ran)
+    peers_missing: dict[str, str]
+    seconds: dict[str, float]
+
+    @property
+    def path(self) -> Path:
+        return self.artifact.path
+
+
+def compile_model(
+    model: Any,
+    *,
+    out: str | Path,
+    target: str | Target = "x86",
+    input_shape: Sequence[int] | None = None,
+    input_dtype: str | None = None,
+    input_layout: str | None = None,
+    weights: str | Path | None = None,
+    preprocess: Preprocess | None = None,
+    inputs: Sequence[np.ndarray] = (),
+    options: CompileOptions | None = None,
+    peers: bool = True,
+) -> ImportReport:
+    """Compile an ONNX file, a .pt2 ExportedProgram, 'module:factory' (+ `weights`), a
+    torch.nn.Module or an ExportedProgram into the verified archive `out` for `target`.
+
+    `inputs` are checked besides `options.check_inputs` seeded random ones; `peers` times ONNX
+    Runtime and OpenVINO beside the compiled library (CPU targets on this machine)."""
+    from codesign.tvm_backend.frontend import import_model
+
+    out = Path(out)
+    if out.is_dir():
+        raise ArtifactError(f"output {out} is a directory; give the archive's file name")
+    opts = options or CompileOptions()
+    target = parse_target(target)
+    t_all, seconds = time.time(), {}
+    label = str(model) if isinstance(model, str | Path) else type(model).__name__
+    _log(opts.progress, f"importing {label} for {target.key}")
+    imported = import_model(model, input_shape=input_shape, input_dtype=input_dtype,
+                            input_layout=input_layout, weights=weights)  # fmt: skip
+    seconds["import"] = time.time() - t_all
+    checks = _check_inputs(imported.input, inputs, opts)
+    if preprocess is not None:
+        _check_preprocess(preprocess, imported.input)
+    artifact, facts = _build_and_pack(imported, target, out, opts, checks, preprocess, peers)
+    seconds.update(facts.pop("seconds"))
+    seconds["total"] = time.time() - t_all
+    _log(opts.progress, f"wrote {out}")
+    return ImportReport(artifact=artifact, source=imported.source, seconds=seconds, **facts)
+
+
+def _check_inputs(spec: Any, given: Sequence[np.ndarray], opts: CompileOptions) -> list[np.ndarray]:
+    """The given inputs (shape and dtype checked, batch 1) and seeded random ones."""
+    out = []
+    for i, x in enumerate(given):
+        x = np.asarray(x)
+        if x.shape == spec.shape[1:]:
+            x = x[None]
+        if x.shape != spec.shape or x.dtype != np.dtype(spec.dtype):
+            raise InputError(
+                f"check input {i} is {x.dtype} {x.shape}; the model takes {spec.dtype} "
+                f"{spec.shape}: save it with that shape and dtype (numpy.save)"
+            )
+        out.append(np.ascontiguousarray(x))
+    rng = np.random.default_rng(opts.seed)
+    out += [rng.standard_normal(spec.shape).astype(spec.dtype) for _ in range(opts.check_inputs)]
+    return out
+
+
+def _check_preprocess(prep: Preprocess, spec: Any) -> None:
+    if spec.layout != "NCHW" or len(spec.shape) != 4:
+        raise InputError(
+            f"preprocessing (mean/std/scale) applies to NCHW image inputs; this input is "
+            f"{spec.layout} {spec.shape}: drop --mean/--std/--scale and feed preprocessed arrays"
+        )
+    channels = spec.shape[1]
+    if len(prep.mean) != channels or len(prep.std) != channels or min(prep.std) <= 0:
+        raise InputError(
+            f"--mean and --std need {channels} values each (one per input channel), std > 0"
+        )
+    if prep.color not in ("L", "RGB") or (channels == 1) != (prep.color == "L"):
+        raise InputError(
+            f"a {channels}-channel input needs color {'L' if channels == 1 else 'RGB'}"
+        )
+
+
+def compare(outs: Sequence[np.ndarray], refs: Sequence[np.ndarray], where: str, against: str
+            ) -> dict[str, Any]:  # fmt: skip
+    """The equality section (checks.py's fp32 tolerance); EqualityError if they differ."""
+    precision, rtol, atol = tolerance_for(["fp32"])
+    out = np.concatenate([np.asarray(o, np.float64).reshape(1, -1) for o in outs])
+    ref = np.concatenate([np.asarray(r, np.float64).reshape(1, -1) for r in refs])
+    if out.shape != ref.shape:
+        raise EqualityError(f"compiled output shape {out.shape} != {against} {ref.shape}")
+    scale = max(1.0, float(np.abs(ref).max()))
+    err = np.abs(out - ref)
+    bound = atol * scale + rtol * np.abs(ref)
+    report = {
+        "ok": bool(np.all(err <= bound)),
+        "n_inputs": len(outs),
+        "precision": precision,
+        "rtol": rtol,
+        "atol": atol,
+        "output_scale": scale,
+        "max_abs_err": float(err.max()),
+        "max_err_over_bound": float((err / bound).max()),
+        "top1_agreement": float(np.mean(out.argmax(-1) == ref.argmax(-1))),
+        "checked_on": where,
+        "reference": against,
+    }
+    if not report["ok"]:
+        raise EqualityError(
+            f"the compiled model's outputs differ from {against}'s on {len(outs)} inputs: max "
+            f"abs error {report['max_abs_err']:.3g} exceeds the fp32 tolerance (rtol {rtol:g}, "
+            f"atol {atol:g} x {scale:.3g}); nothing was written. This is a compiler or frontend "
+            "bug: report it with the model file"
+        )
+    return report
+
+
+def _latency(m: Any, opts: CompileOptions, target: Target, executor: Any) -> dict[str, Any]:
+    if not m.ok:
+        raise ArtifactError(f"timing on {executor.where} failed: {m.error}")
+    return {
+        "median_ms": m.median_ms,
+        "mean_ms": m.mean_ms,
+        "std_ms": m.std_ms,
+        "min_ms": m.min_ms,
+        "max_ms": m.max_ms,
+        "repeats": m.repeats,
+        "samples_ms": list(m.samples_ms),
+        "protocol": opts.protocol.to_dict(),
+        "method": "TVM time_evaluator on the shipped library, batch 1",
+        "measured_on": executor.where,
+        "threads": target.threads,
+        "emulated": executor.emulated,
+        "host": socket.gethostname(),
+    }
+
+
+def _peers(imported: Any, executor: Any, x: np.ndarray, threads: int, tmp: Path,
+           protocol: MeasureProtocol) -> dict[str, Any]:  # fmt: skip
+    """Per-call ms from Python of the compiled library and of ONNX Runtime and OpenVINO on the
+    same ONNX model (the given file, or the torch model exported), same threads and input."""
+    from codesign.peers import export_onnx, python_ms, time_onnx
+
+    timing = {"repeat": protocol.repeat, "min_repeat_ms": protocol.min_repeat_ms}
+    path = imported.onnx_path
+    if path is None:
+        try:
+            path = export_onnx(imported.torch_module, imported.input.shape, tmp / "peer.onnx")
+        except Exception as err:  # noqa: BLE001 - a model the ONNX exporter refuses
+            why = f"ONNX export failed: {type(err).__name__}: {err}"[:200]
+            return {"per_call_ms": {"codesign": round(python_ms(lambda: executor.run(x),
+                    **timing), 5)}, "missing": {"onnxruntime": why, "openvino": why}}  # fmt: skip
+    peers = time_onnx(path, x, threads, **timing)
+    missing = peers.pop("missing")
+    peers["codesign"] = round(python_ms(lambda: executor.run(x), **timing), 5)
+    return {"per_call_ms": peers, "missing": missing}
+
+
+def _build_and_pack(imported: Any, target: Target, out: Path, opts: CompileOptions,
+                    inputs: list[np.ndarray], prep: Preprocess | None, peers: bool
+                    ) -> tuple[Artifact, dict[str, Any]]:  # fmt: skip
+    import tvm
+    import tvm_ffi
+
+    from codesign import __version__
+    from codesign.artifact.archive import write_archive
+    from codesign.artifact.tuning import tune_for_artifact
+    from codesign.tvm_backend.build import PIPELINE, compile_module, prepare
+
+    seconds: dict[str, float] = {}
+    lowered = imported.lowered()
+    t0 = time.time()
+    fused = prepare(lowered.mod)
+    database, tuning = tune_for_artifact(fused, target, out, opts)
+    try:
+        built = compile_module(lowered, target, database, fused=fused)
+    finally:
+        if database is not None:
+            database.close()
+    seconds["compile"] = time.time() - t0
+    against = "ONNX Runtime" if imported.source == "onnx" else "PyTorch"
+    peer_info: dict[str, Any] = {"per_call_ms": {}, "missing": {}}
+    with tempfile.TemporaryDirectory(prefix="codesign-import-") as tmpdir:
+        tmp = Path(tmpdir)
+        library = built.export(tmp / LIBRARY)
+        executor, stack, on_device = _executor(target, lowered, library, tmp, opts)
+        with stack:
+            _log(opts.progress, f"checking against {against} on {executor.where}")
+            t0 = time.time()
+            outs = [executor.run(x) for x in inputs]
+            equality = compare(outs, [imported.reference(x) for x in inputs], executor.where,
+                               against)  # fmt: skip
+            seconds["check"] = time.time() - t0
+            latency = None
+            if on_device:
+                t0 = time.time()
+                latency = _latency(executor.time(inputs[0], opts.protocol), opts, target, executor)
+                if peers and target.device == "cpu" and not target.is_remote:
+                    _log(opts.progress, "timing ONNX Runtime and OpenVINO beside it")
+                    peer_info = _peers(imported, executor, inputs[0], target.threads, tmp,
+                                       opts.protocol)  # fmt: skip
+                seconds["measure"] = time.time() - t0
+        files = {
+            LIBRARY: library.read_bytes(),
+            "sample_input.npy": _npy(inputs[0]),
+            "sample_output.npy": _npy(np.asarray(outs[0])),
+        }
+    out_shape = [int(d) for d in np.asarray(outs[0]).shape]
+    classes = [str(i) for i in range(out_shape[1])] if len(out_shape) == 2 else []
+    spec = imported.input
+    manifest = {
+        "format": FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "codesign_version": __version__,
+        "library": LIBRARY,
+        "inputs": [
+            {
+                "name": spec.name,
+                "shape": list(spec.shape),
+                "dtype": spec.dtype,
+                **({"layout": spec.layout} if spec.layout else {}),
+            }
+        ],  # fmt: skip
+        "outputs": [
+            {"name": "output", "shape": out_shape, "dtype": str(np.asarray(outs[0]).dtype)}
+        ],
+        "classes": classes,
+        "preprocessing": prep.to_manifest() if prep else None,
+        "target": {**target.to_dict(), "machine": expected_machine(target.tvm_dict)},
+        "tvm": {
+            "version": tvm.__version__,
+            "ffi_version": tvm_ffi.__version__,
+            "pipeline": PIPELINE,
+        },
+        "weights": {"storage": "embedded", "note": WEIGHTS_NOTE},
+        "model": {
+            "arch": None,
+            "source": imported.source,
+            "label": imported.label,
+            "source_sha256": imported.source_sha256,
+            "blocks": [],
+            "ops": dict(imported.ops),
+            "policies": {"quantization": None, "pruning": None},
+            "weights_sha256": imported.source_sha256,
+            "dataset": None,
+        },
+        "tuning": tuning,
+        "latency": latency,
+        "accuracy": None,
+        "equality": equality,
+        "peers": peer_info,
+        "samples": {"input": "sample_input.npy", "output": "sample_output.npy"},
+    }
+    if latency is None:
+        manifest["latency_note"] = f"not measured: the {target.key} device was not used"
+    write_archive(out, manifest, files)
+    facts = {
+        "max_abs_diff": equality["max_abs_err"],
+        "latency_ms": latency["median_ms"] if latency else None,
+        "per_call_ms": peer_info["per_call_ms"],
+        "peers_missing": peer_info["missing"],
+        "seconds": seconds,
+    }
+    return verify_artifact(out), facts
