@@ -52,7 +52,8 @@ class Loop:
     spatial: bool
 
 
-def _divisors(n: int, most: int) -> list[int]:
+def divisors(n: int, most: int) -> list[int]:
+    """The divisors of `n` up to `most`, ascending."""
     return [d for d in range(1, min(n, most) + 1) if n % d == 0]
 
 
@@ -79,13 +80,13 @@ def tile_decisions(loops: list[Loop], lanes: int, registers: int) -> list[tuple[
         if len(spatial) > 1:
             rows = max(1, (registers // 2) // max(1, inner[last] // lanes))
             prev = spatial[-2]
-            inner[prev] = max(_divisors(loops[prev].extent, min(rows, 14)))
+            inner[prev] = max(divisors(loops[prev].extent, min(rows, 14)))
     out: list[tuple[int, ...]] = []
     for i, lp in enumerate(loops):
         if lp.spatial:
             out.append((lp.extent // inner[i], 1, 1, inner[i]))
         else:
-            r = lp.extent if lp.extent <= REDUCTION_WHOLE else max(_divisors(lp.extent, 64))
+            r = lp.extent if lp.extent <= REDUCTION_WHOLE else max(divisors(lp.extent, 64))
             out.append((lp.extent // r, r))
     return out
 
@@ -107,15 +108,19 @@ def _tiled_loops(sketch: Any, task_mod: Any) -> list[Loop]:
     return loops
 
 
-def analytic_schedule(task_mod: Any, target: Target, ctx: Any | None = None) -> Any | None:
+def analytic_schedule(
+    task_mod: Any, target: Target, ctx: Any | None = None, sketches: list[Any] | None = None
+) -> Any | None:
     """The analytic schedule of one tuning task (a `tvm.s_tir.Schedule`), or None when no
-    sketch of the task's design space passes the postprocessors."""
+    sketch of the task's design space passes the postprocessors. `ctx` and `sketches` (its
+    design space) may be passed by a caller that already generated them."""
 
     from codesign.tvm_backend.seeds import vector_shape
 
     ctx = ctx or design_context(task_mod, target)
     lanes, registers = vector_shape(target)
-    sketches = list(ctx.generate_design_space())
+    if sketches is None:
+        sketches = list(ctx.generate_design_space())
     # Multi-level tiling's second sketch accumulates the register tile in a local cache and
     # writes it back once (ReuseType "must"); the first accumulates in the output buffer, which
     # measured 5-10x slower with the same tiles. Prefer the second, fall back in order.

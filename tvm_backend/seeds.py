@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from codesign.targets import Target
+from codesign.tvm_backend.schedules import analytic_schedule, design_context, divisors
 
 CONV_BLOCKS = ("conv2d_nhwc", "group_conv2d_nhwc")
 UNROLL_CHOICES = (2, 1, 3)  # indices into MetaSchedule's [0, 16, 64, 512]: 64 first
@@ -101,10 +102,6 @@ def vector_shape(target: Target) -> tuple[int, int]:
     return 4, 16
 
 
-def _divisors(n: int, most: int) -> list[int]:
-    return [d for d in range(1, min(n, most) + 1) if n % d == 0]
-
-
 def register_tiles(loops: ConvLoops, lanes: int, registers: int) -> list[tuple[int, int, int]]:
     """(h3, w3, c3) register tiles, best guess first: about half the registers as accumulators
     (the rest hold weights and the broadcast input), wide rows before tall ones."""
@@ -113,8 +110,8 @@ def register_tiles(loops: ConvLoops, lanes: int, registers: int) -> list[tuple[i
     for c3 in (lanes, 2 * lanes, 4 * lanes):
         if loops.c % c3:
             continue
-        for h3 in _divisors(loops.h, 4):
-            for w3 in _divisors(loops.w, 8):
+        for h3 in divisors(loops.h, 4):
+            for w3 in divisors(loops.w, 8):
                 acc = h3 * w3 * c3 // lanes
                 if 2 <= acc <= most:
                     tiles.append((abs(acc - goal) + (h3 > w3) + 0.5 * (c3 > 2 * lanes), h3, w3, c3))
@@ -130,7 +127,7 @@ def tilings(
     tiles = register_tiles(loops, lanes, registers)
     if not tiles or sketches == 0:
         return []
-    rc_inner = sorted({loops.rc, max(_divisors(loops.rc, 64))}, reverse=True)
+    rc_inner = sorted({loops.rc, max(divisors(loops.rc, 64))}, reverse=True)
     window = [((1, loops.rh), (1, loops.rw)), ((loops.rh, 1), (loops.rw, 1))]
     out: list[Tiling] = []
     seen: set[Tiling] = set()
@@ -196,23 +193,24 @@ def seed_budget(trials: int) -> int:
     return min(SEEDS_MAX, trials // 2)
 
 
-def seed_schedules(task_mod: Any, target: Target, count: int, seed: int = 0) -> list[Any]:
-    """Up to `count` register-tiled schedules of a convolution task ([] for other tasks)."""
-    from tvm.s_tir import meta_schedule as ms
-
+def seed_schedules(
+    task_mod: Any,
+    target: Target,
+    count: int,
+    seed: int = 0,
+    ctx: Any | None = None,
+    sketches: list[Any] | None = None,
+) -> list[Any]:
+    """Up to `count` register-tiled schedules of a convolution task ([] for other tasks).
+    `ctx` and `sketches` (its design space) may be passed by a caller that already has them."""
     if target.name == "cuda" or count <= 0:
         return []
     loops = conv_loops(task_mod)
     if loops is None:
         return []
-    ctx = ms.TuneContext(
-        mod=task_mod,
-        target=target.tvm_target(),
-        space_generator="post-order-apply",
-        task_name="seeds",
-        num_threads=1,
-    )
-    sketches = list(ctx.generate_design_space())
+    ctx = ctx or design_context(task_mod, target)
+    if sketches is None:
+        sketches = list(ctx.generate_design_space())
     lanes, registers = vector_shape(target)
     out = []
     for tiling in tilings(loops, len(sketches), lanes, registers, 2 * count, seed):
@@ -249,7 +247,7 @@ def measure_seeds(
     for i, mod in enumerate(task_mods):
         if per_task <= 0 or database.run_finished(_seeds_key(database, mod)):
             continue
-        schedules = _with_analytic(mod, target, seed_schedules(mod, target, per_task - 1, seed + i))
+        schedules = _seeds_of(mod, target, per_task, seed + i)
         if schedules:
             todo += [(i, sch) for sch in schedules]
             seeded[i] = len(schedules)
@@ -281,15 +279,17 @@ def measure_seeds(
     return seeded
 
 
-def _with_analytic(task_mod: Any, target: Target, schedules: list[Any]) -> list[Any]:
-    """The task's analytic schedule (what an untuned build runs) first, then `schedules`: the
-    search then starts from it, and a tuned build keeps it unless something measured faster."""
-    from codesign.tvm_backend.schedules import analytic_schedule
-
+def _seeds_of(task_mod: Any, target: Target, count: int, seed: int) -> list[Any]:
+    """The task's analytic schedule (what an untuned build runs) first, then up to `count - 1`
+    register-tiled seeds, all from one design space: the search then starts from the analytic
+    schedule, and a tuned build keeps it unless something measured faster."""
     if target.name == "cuda":
-        return schedules
-    analytic = analytic_schedule(task_mod, target)
-    return ([analytic] if analytic is not None else []) + schedules
+        return []
+    ctx = design_context(task_mod, target)
+    sketches = list(ctx.generate_design_space())
+    analytic = analytic_schedule(task_mod, target, ctx, sketches)
+    tiled = seed_schedules(task_mod, target, count - 1, seed, ctx, sketches)
+    return ([analytic] if analytic is not None else []) + tiled
 
 
 def _seeds_key(database: Any, task_mod: Any) -> str:
