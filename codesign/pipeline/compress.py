@@ -124,7 +124,8 @@ def quantize(
 
     c, seed = cfg.compress, cfg.task.seed
     net, meta = load_model(model_dir)
-    data = load_dataset(cfg.task.dataset, tuple(net.input_shape[1:]), seed=seed)
+    c_in, h, w = net.input_shape[1:]
+    data = load_dataset(cfg.task.dataset, (c_in, h, w), seed=seed)
     qcfg = QuantizeConfig(
         "latency",
         1.0,  # set below, once the precision LUT prices the float network

@@ -232,8 +232,11 @@ def _compression_lines(s: dict[str, Any], rel: dict[str, Path]) -> list[str]:
         "Every latency is measured on the target.",
         "",
     ]
-    # the latency package may add how many candidates were measured instead of predicted
-    counted = {k: s[k].get("measured_candidates") for k in ("prune", "quantize") if k in s}
+    # where a step records how many candidates it measured instead of predicting (the latency
+    # package's uncertainty), it is shown here: key `measured_candidates` in its outputs
+    counted = {
+        k: (s.get(k) or {}).get("measured_candidates") for k in ("search", "prune", "quantize")
+    }
     if any(v is not None for v in counted.values()):
         lines += [
             "Candidates measured instead of predicted: "
