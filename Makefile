@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 OUT ?= out
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all lint format toolchains arm-emulator clean
+.PHONY: setup demo test test-fast test-all lint format toolchains arm-emulator clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,8 +20,13 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/codesign pipeline --out $(OUT)
 
+# The default tier (README, CI): everything but tests marked slow (about 15 minutes on 2 cores).
 test: setup
 	$(BIN)/python -m pytest
+
+# The quick tier while editing: no tuning, no RPC farms, no whole-network runs (about 5 minutes).
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow and not tuning and not rpc and not network"
 
 # Everything, including tests marked slow (minutes each).
 test-all: setup
@@ -30,6 +35,7 @@ test-all: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/pyright
 
 format: setup
 	$(BIN)/ruff check --fix .

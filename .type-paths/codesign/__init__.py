@@ -1,0 +1,1 @@
+../../codesign/__init__.py
