@@ -18,6 +18,8 @@ register = 60               # a started server must register within this
 tracker_wait = 120          # the scheduler waits this long for a lost tracker
 server_tracker_retry = 60   # a server's reconnect window after a tracker loss (TVM: 60)
 quarantine = 60             # a quarantined server gets no jobs for this long
+probe = 5                   # one health probe: request, connect, a remote call, close
+probe_interval = 5          # between probes of a key (0: no probes); see codesign.farm.probe
 
 [retries]
 attempts = 3                # tries per job, each on another server if possible
@@ -59,6 +61,8 @@ class Timeouts:
     tracker_wait: float = 120.0
     server_tracker_retry: float = 60.0
     quarantine: float = 60.0
+    probe: float = 5.0
+    probe_interval: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,19 +5,23 @@
     stop_farm(dir)       SIGTERM the supervisor, then SIGKILL every recorded tree by PID
     read_state(dir)      state.json: PIDs + start times, per-server health, restarts
 
-Every `health_interval` the supervisor judges health by *tracker registration*, not by a live
-PID or an open port (docs/tvm-guide.md §2, §4):
+Every `health_interval` the supervisor judges health by *tracker registration* and by what the
+server answers, not by a live PID or an open port (docs/tvm-guide.md §2, §4):
   * tracker dead or not answering -> kill its tree, restart it on the same port; if it was down
     longer than the servers' reconnect window, restart every server (they are dead for good);
   * server process gone, never registered within `register`, or unregistered for longer than
     `deregistered` (a zombie after a crashed session) -> kill its tree, restart it;
-  * a server the scheduler quarantined (event in events.jsonl) -> kill its tree, restart it.
+  * a server the scheduler quarantined (event in events.jsonl) -> kill its tree, restart it;
+  * a server that fails a health probe (codesign.farm.probe: a real RPC round trip through the
+    tracker, bounded by `timeouts.probe`, every `probe_interval` s per key), or with a process of
+    its tree stopped (SIGSTOP) past that -> kill its tree, restart it.
 Restarts per server are bounded by `max_restarts`. The config (state_dir/config.json) is
 re-read when it changes, so servers can be added to a running farm (the arm64 emulator).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -29,6 +33,7 @@ from typing import Any
 
 from codesign.errors import FarmError
 from codesign.farm.config import FarmConfig, ServerGroup
+from codesign.farm.probe import Prober
 from codesign.farm.procs import (
     Proc,
     append_event,
@@ -58,6 +63,8 @@ class _Managed:
     restarts: int = 0
     health: str = "starting"
     failed: bool = False  # gave up after max_restarts
+    probe_ms: float | None = None  # the last passed health probe's round trip
+    stopped_since: float | None = None  # a process of the tree is stopped (monotonic)
     history: list[str] = field(default_factory=list)
 
     def record(self) -> dict[str, Any]:
@@ -69,6 +76,7 @@ class _Managed:
             "proc": self.proc.to_dict() if self.proc else None,
             "restarts": self.restarts,
             "health": self.health,
+            "probe_ms": self.probe_ms,
         }
 
 
@@ -91,6 +99,8 @@ class Supervisor:
         self.events_offset = read_events(state_dir)[1]  # act on quarantines from now on
         self.tracker_down_since: float | None = None
         self.stopping = False
+        self.prober = Prober(self.cfg.tracker)
+        self.last_probe: dict[str, float] = {}  # key -> when its last probe started
 
     def _load(self) -> FarmConfig:
         d = read_json(_config_path(self.state_dir))
@@ -137,6 +147,7 @@ class Supervisor:
             )
         m.popen, m.proc = spawn(m.argv, self.state_dir / "logs" / f"{m.name}.log", env)
         m.started, m.last_seen, m.health = time.monotonic(), 0.0, "starting"
+        m.probe_ms = m.stopped_since = None
         if why:
             m.restarts += 1
             append_event(
@@ -226,6 +237,8 @@ class Supervisor:
                 continue
             if m.popen is not None:
                 m.popen.poll()  # reap
+            if m.proc and m.proc.alive and self._frozen(m, now):
+                continue
             if (m.key, m.port) in registered and m.proc and m.proc.alive:
                 m.health, m.last_seen = "healthy", now
                 continue
@@ -239,6 +252,7 @@ class Supervisor:
                 self._restart(m, f"de-registered for {now - m.last_seen:.0f} s (zombie)")
             else:
                 m.health = "unregistered"
+        self._probe(registered, now)
         events, self.events_offset = read_events(self.state_dir, self.events_offset)
         for ev in events:
             if ev.get("kind") != "quarantine":
@@ -247,6 +261,52 @@ class Supervisor:
                 if ev.get("port") == m.port and not m.failed:
                     self._restart(m, f"quarantined by the scheduler ({ev.get('message', '')})")
         self.write_state()
+
+    def _frozen(self, m: _Managed, now: float) -> bool:
+        """A process of the server's tree is stopped (SIGSTOP): it answers nothing, though
+        registered. Past a grace (time for a health probe to see it first, when probes run) the
+        server is killed and restarted. Probes cannot reach a server frozen inside a session
+        (it is not free), this can."""
+        import psutil
+
+        stopped = []
+        for p in m.proc.tree() if m.proc else []:
+            with contextlib.suppress(psutil.Error):
+                if p.status() == psutil.STATUS_STOPPED:
+                    stopped.append(p.pid)
+        if not stopped:
+            m.stopped_since = None
+            return False
+        m.stopped_since = m.stopped_since or now
+        t = self.cfg.timeouts
+        grace = t.probe + (t.probe_interval + t.probe if t.probe_interval > 0 else 0.0)
+        if now - m.stopped_since >= grace:
+            self._restart(m, f"frozen: process {stopped} stopped for {now - m.stopped_since:.0f} s")
+        else:
+            m.health = "frozen"
+        return True
+
+    def _probe(self, registered: set[tuple[str, int]], now: float) -> None:
+        """Act on finished health probes, and start one per key every `probe_interval` s."""
+        t = self.cfg.timeouts
+        by_port = {m.port: m for m in self.servers.values()}
+        for r in self.prober.collect():
+            m = by_port.get(int(r.server.rpartition(":")[2])) if r.server else None
+            if m is None or m.failed or m.started > now - r.seconds:
+                continue  # inconclusive, not ours, or restarted since the probe began
+            if r.ok:
+                m.probe_ms = round(r.seconds * 1000, 1)
+            else:
+                m.probe_ms = None
+                self._restart(m, f"failed the RPC health probe: {r.error}")
+        if t.probe_interval <= 0:
+            return
+        for key in sorted({m.key for m in self.servers.values() if (m.key, m.port) in registered}):
+            if now - self.last_probe.setdefault(key, now) < t.probe_interval:
+                continue
+            emulated = any(m.emulated for m in self.servers.values() if m.key == key)
+            if self.prober.start(key, max(t.probe, 60.0) if emulated else t.probe):
+                self.last_probe[key] = now
 
     def _reload_config(self) -> None:
         try:
@@ -392,4 +452,5 @@ def stop_farm(state_dir: Path, timeout: float = 20.0) -> int:
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("torch", None)  # tvm_ffi imports torch if it can (probes): 2 s
     Supervisor(Path(sys.argv[1])).run()
