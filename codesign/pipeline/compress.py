@@ -66,6 +66,7 @@ def _amc(
         measure=True,
         artifact=False,
         raise_budget_to_floor=True,
+        measure_uncertain=cfg.latency.measure_uncertain,
         # pruned shapes are priced by the fitted latency model (measuring every new shape of
         # every episode would multiply the stage's time); the result is measured after
         missing="predict",
@@ -88,6 +89,7 @@ def _amc(
         "before": {"acc": r["base_acc"], "measured_ms": r.get("base_measured_ms")},
         "after": {"acc": r["acc"], "measured_ms": r.get("measured_ms")},
         "report": r,
+        "latency_counts": r.get("latency_counts"),  # measured instead of predicted, if counted
         "per_layer": {
             "values": list(ratios.values()),
             "labels": [str(k) for k in ratios],

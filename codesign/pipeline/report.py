@@ -232,17 +232,14 @@ def _compression_lines(s: dict[str, Any], rel: dict[str, Path]) -> list[str]:
         "Every latency is measured on the target.",
         "",
     ]
-    # where a step records how many candidates it measured instead of predicting (the latency
-    # package's uncertainty), it is shown here: key `measured_candidates` in its outputs
-    counted = {
-        k: (s.get(k) or {}).get("measured_candidates") for k in ("search", "prune", "quantize")
-    }
-    if any(v is not None for v in counted.values()):
-        lines += [
-            "Candidates measured instead of predicted: "
-            + ", ".join(f"{k} {_f(v)}" for k, v in counted.items() if v is not None),
-            "",
-        ]
+    # the candidates a step answered by measurement instead of prediction (the latency
+    # package's uncertainty: `latency_counts` in a step's outputs, when it records them)
+    for step in ("search", "prune", "quantize"):
+        counts = (s.get(step) or {}).get("latency_counts")
+        if counts:
+            answers = ", ".join(f"{v} {k}" for k, v in counts.items())
+            lines.append(f"- {step}: candidates' latencies {answers}")
+    lines.append("")
     for step in ("prune", "quantize"):
         out = s[step]
         if not out.get("method"):
