@@ -53,6 +53,10 @@ FAST = Timeouts(
     tracker_wait=90.0,
     server_tracker_retry=4.0,
     quarantine=300.0,
+    # no health probes (a probe's session would look like a job's to the fault injectors), and
+    # a stopped server is left to the scheduler's deadline: tests that want them set these
+    probe=30.0,
+    probe_interval=0.0,
 )
 
 

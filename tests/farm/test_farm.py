@@ -176,7 +176,7 @@ def test_cli_up_status_down_and_supervised_restart(tmp_path: Path) -> None:
     state = tmp_path / "st"
     (tmp_path / "farm.toml").write_text(
         f"[tracker]\nport = {base}\n[farm]\nstate_dir = '{state}'\n"
-        "[timeouts]\nhealth_interval = 0.5\n"
+        "[timeouts]\nhealth_interval = 0.5\nprobe_interval = 0\n"
         f"[[servers]]\nkey = 'x86'\ncount = 2\nport = {base + 1}\n"
     )
     cli = [sys.executable, "-m", "codesign.cli.main", "farm"]
@@ -258,8 +258,7 @@ def test_rpc_runner_matches_local_runner(cfg, tiny) -> None:
     from codesign.targets import parse_target
     from codesign.tvm_backend.build import compile_module
     from codesign.tvm_backend.lower import lower_block
-    from codesign.tvm_backend.rpc_runner import RPCRunner
-    from codesign.tvm_backend.runner import LocalRunner
+    from codesign.tvm_backend.runner import LocalRunner, RPCRunner
 
     block = tiny.layers()[1].block("k5e6")
     built = compile_module(lower_block(block), parse_target("x86:threads=1"))
@@ -378,7 +377,7 @@ def test_scheduler_spreads_jobs_over_keys(tmp_path: Path, cfg, tiny, x86) -> Non
     from codesign.measurement import MeasureProtocol
     from codesign.tvm_backend.build import compile_module
     from codesign.tvm_backend.lower import lower_block
-    from codesign.tvm_backend.rpc_runner import prepare_job
+    from codesign.tvm_backend.runner import prepare_job
 
     built = compile_module(lower_block(tiny.layers()[0].block("k3e3")), x86)
     payload = prepare_job(built, MeasureProtocol.quick(), tmp_path)
