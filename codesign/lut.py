@@ -30,6 +30,10 @@ APPLICATION_ID = 0x43445347  # "CDSG"
 SCHEMA_VERSION = 1
 MODES = ("untuned", "tuned")
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+# Keys of single layers (a conv or linear kernel with its fused epilogue, measured for any
+# user CNN: codesign.compression.amc.own) share the `entries` table with blocks under this prefix.
+LAYER_PREFIX = "layer:"
+KINDS = ("block", "layer")
 
 # Finished tuning runs per task (added within schema 1: the tuning database creates it in older
 # files when it opens them).
@@ -304,11 +308,15 @@ class LatencyTable:
     def entries(self, target: str | None = None, mode: str | None = None) -> list[Entry]:
         return self._list("entries", "block", target, mode)
 
-    def latencies(self, target: str, mode: str) -> dict[str, float]:
-        """{block key: median ms} of the successful entries of one target and mode."""
+    def latencies(self, target: str, mode: str, *, kind: str = "block") -> dict[str, float]:
+        """{key: median ms} of the successful entries of one target and mode: block entries,
+        or with kind='layer' the single-layer entries (keys starting with LAYER_PREFIX)."""
+        if kind not in KINDS:
+            raise LUTError(f"kind must be one of {KINDS}, got {kind!r}")
         rows = self.con.execute(
-            "SELECT block, median_ms FROM entries WHERE target = ? AND mode = ? AND error IS NULL",
-            (target, mode),
+            "SELECT block, median_ms FROM entries WHERE target = ? AND mode = ? AND error IS NULL "
+            f"AND {'' if kind == 'layer' else 'NOT '}block LIKE ?",
+            (target, mode, LAYER_PREFIX + "%"),
         ).fetchall()
         return dict(rows)
 
@@ -356,6 +364,31 @@ class LatencyTable:
         return self.con.execute(
             "SELECT count(*) FROM tuning_records WHERE target = ?", (target,)
         ).fetchone()[0]
+
+    # ------------------------------------------------------------------ noise floor
+    @property
+    def noise_floor(self) -> float | None:
+        """The host's noise floor when this LUT was measured: the relative repeat spread,
+        (p90 - p10) / median, of one whole network measured again and again with the LUT's
+        protocol (`codesign.lut_build`); None when not recorded. A latency model whose held-out
+        error is within it cannot be told from measurement noise."""
+        info = self.noise_floor_info()
+        return float(info["value"]) if info else None
+
+    def noise_floor_info(self) -> dict[str, Any] | None:
+        """The stored noise floor record: value, target, network, samples_ms, host, created."""
+        row = self.con.execute("SELECT value FROM meta WHERE key = 'noise_floor'").fetchone()
+        return json.loads(row[0]) if row else None
+
+    def set_noise_floor(self, value: float, **detail: Any) -> None:
+        """Record the noise floor (replacing an older one) with what it was measured on."""
+        if self.readonly:
+            raise LUTError(f"{self.path} was opened read-only")
+        if not (math.isfinite(value) and value >= 0):
+            raise LUTError(f"a noise floor is a finite relative spread >= 0, got {value!r}")
+        record = json.dumps({"value": float(value), "created": time.time(), **detail})
+        with transaction(self.con):
+            self.con.execute("INSERT OR REPLACE INTO meta VALUES ('noise_floor', ?)", (record,))
 
     # ------------------------------------------------------------------ internals
     def _put(

@@ -1,0 +1,316 @@
+"""AMC channel pruning of a user's own CNN against TVM-measured latency.
+
+    graph = OwnGraph.build(model)      torch-pruning dependency groups + layer shapes
+    latency(counts) = a * sum(layer LUT ms) + b
+                                       layers measured on demand with TVM into the LUT file
+                                       (`layer:` keys); a, b fitted on whole networks measured
+                                       with TVM (unpruned, uniformly pruned; `networks` table)
+    DDPG search (codesign.compression.ddpg via amc.search.run_search): one step per group,
+        action = kept ratio, AMC's action wall keeps every episode within the budget, reward =
+        accuracy on training images after a BatchNorm refresh (no fine-tuning)
+    -> prune the best policy (torch-pruning) -> fine-tune (codesign.train) -> compile, measure
+
+`prune_own(model, data, budget_ms=..., target=..., db=...)` returns a frozen `OwnPruneResult`.
+The search checkpoints into `out` and resumes; layers and networks measured once are reused.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from codesign.compression.amc.env import AMCConfig, allowed_counts
+from codesign.compression.amc.own_layers import LayerLatency, OwnGraph
+from codesign.compression.amc.policy import PruneError
+from codesign.compression.amc.surgery import recalibrate_bn
+from codesign.data import Dataset
+from codesign.measurement import MeasureProtocol
+from codesign.targets import Target, parse_target
+from codesign.train import TrainConfig, evaluate, train
+
+
+@dataclass(frozen=True, slots=True)
+class OwnSettings:
+    amc: AMCConfig = field(default_factory=lambda: AMCConfig(episodes=30, lbound=0.25, divisor=8))
+    levels: int = 8  # at most this many widths per group (bounds the layer shapes to measure)
+    calibration_ratios: tuple[float, ...] = (0.5,)  # uniformly pruned nets fitting a, b
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=0.01))
+    protocol: MeasureProtocol = field(default_factory=MeasureProtocol)
+
+    def __post_init__(self) -> None:
+        if self.levels < 2:
+            raise PruneError(f"levels must be >= 2, got {self.levels}")
+
+
+@dataclass(frozen=True, slots=True)
+class OwnPolicy:
+    """Kept channels per group, in network order."""
+
+    counts: tuple[tuple[str, int], ...]
+
+    def encode(self) -> str:
+        return ",".join(f"{n}={k}" for n, k in self.counts)
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+@dataclass(frozen=True)
+class OwnPruneResult:
+    model: nn.Module  # pruned and fine-tuned (eval mode)
+    policy: OwnPolicy
+    budget_ms: float
+    original_ms: float  # measured, TVM
+    pruned_ms: float  # measured, TVM
+    predicted_ms: float
+    original_acc: float
+    pruned_acc_before_finetune: float
+    pruned_acc: float
+    calibration: tuple[float, float]
+    layers_measured: int
+    episodes: int
+    seconds: float
+
+    @property
+    def speedup(self) -> float:
+        return self.original_ms / self.pruned_ms
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "model"}
+        d["policy"] = self.policy.encode()
+        d["speedup"] = self.speedup
+        return d
+
+
+class OwnLatency:
+    """Predicted ms of the network with given kept counts: a * layer-LUT sum + b."""
+
+    def __init__(self, graph: OwnGraph, layers: LayerLatency) -> None:
+        self.graph, self.layers = graph, layers
+        self.a, self.b = 1.0, 0.0
+        self._cache: dict[tuple[int, ...], float] = {}
+
+    def lut_sum(self, counts: dict[str, int]) -> float:
+        key = tuple(counts.get(u.name, u.channels) for u in self.graph.units)
+        if key not in self._cache:
+            self._cache[key] = self.layers.sum_ms(self.graph.specs(counts))
+        return self._cache[key]
+
+    def __call__(self, counts: dict[str, int]) -> float:
+        return self.a * self.lut_sum(counts) + self.b
+
+    def fit(self, points: list[tuple[float, float]]) -> tuple[float, float]:
+        """Least squares measured = a * lut + b over (lut, measured) points (a > 0); one point:
+        the ratio."""
+        x, y = np.array([p[0] for p in points]), np.array([p[1] for p in points])
+        a, b = float(y.sum() / x.sum()), 0.0
+        if len(points) >= 2 and np.ptp(x) > 1e-9:
+            a2, b2 = np.polyfit(x, y, 1)
+            if a2 > 0:
+                a, b = float(a2), float(b2)
+        self.a, self.b = a, b
+        return a, b
+
+
+def unit_options(graph: OwnGraph, config: AMCConfig, levels: int) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for u in graph.units:
+        step = config.divisor * max(1, math.ceil(u.channels / levels / config.divisor))
+        out[u.name] = allowed_counts(u.channels, config.lbound, min(step, u.channels))
+    return out
+
+
+class _Fingerprint:
+    """What amc.search.fingerprint reads of `env.network`: layer keys and weights."""
+
+    def __init__(self, graph: OwnGraph) -> None:
+        self.specs = tuple(graph.layers.values())
+        self.state_dict = graph.model.state_dict
+
+
+class OwnEnv:
+    """AMC's environment over torch-pruning groups; the interface amc.search.run_search drives."""
+
+    def __init__(self, graph: OwnGraph, data: Dataset, latency: OwnLatency, budget_ms: float,
+                 config: AMCConfig, levels: int) -> None:  # fmt: skip
+        self.graph, self.data, self.config = graph, data, config
+        self.network = _Fingerprint(graph)
+        self.budget_ms = float(budget_ms)
+        self.latency = latency
+        self.options = unit_options(graph, config, levels)
+        self.base_ms = latency({})
+        self.floor_ms = latency(self.smallest())
+        if self.floor_ms > self.budget_ms:
+            raise PruneError(
+                f"the latency budget {self.budget_ms:.4g} ms is below the smallest latency this "
+                f"pruning reaches ({self.floor_ms:.4g} ms with every group at its smallest width; "
+                f"unpruned {self.base_ms:.4g} ms). Raise the budget or lower lbound."
+            )
+        self.calibration = data.calibration(config.calib_images, seed=config.seed)
+        self._static = self._embed()
+        self.reset()
+
+    def smallest(self, decided: dict[str, int] | None = None) -> dict[str, int]:
+        return {u.name: self.options[u.name][0] for u in self.graph.units} | (decided or {})
+
+    def _embed(self) -> np.ndarray:
+        specs = self.graph.layers
+        ms = {n: self.latency.layers.layer_ms(s) for n, s in specs.items()}
+        order = list(specs)
+        total = sum(ms.values()) or 1.0
+        rows = []
+        for t, u in enumerate(self.graph.units):
+            root, touched = specs[u.name], {*u.outs, *u.ins}
+            last = max(order.index(n) for n in touched)
+            rows.append([t, u.channels, root.cin, root.kernel[0], root.stride[0], root.h,
+                         sum(specs[n].macs() for n in touched), sum(ms[n] for n in touched),
+                         sum(ms[n] for n in order[last + 1:]) / total])  # fmt: skip
+        x = np.asarray(rows, dtype=np.float64)
+        lo, hi = x.min(axis=0), x.max(axis=0)
+        return ((x - lo) / np.where(hi > lo, hi - lo, 1.0)).astype(np.float32)
+
+    @property
+    def state_dim(self) -> int:
+        return self._static.shape[1] + 2
+
+    def _state(self) -> np.ndarray:
+        dyn = [min(1.0, self.floor_ms / self.base_ms), self.prev_action]
+        return np.concatenate([self._static[self.t], np.asarray(dyn, dtype=np.float32)])
+
+    def reset(self) -> np.ndarray:
+        self.t, self.decided, self.prev_action = 0, {}, 1.0
+        self.floor_ms = self.latency(self.smallest())
+        return self._state()
+
+    def step(self, action: float) -> np.ndarray | None:
+        u, c = self.graph.units[self.t], self.config
+        ratio = c.lbound + float(np.clip(action, 0.0, 1.0)) * (c.rbound - c.lbound)
+        opts = self.options[u.name]
+        want = min(opts, key=lambda o: (abs(o - ratio * u.channels), o))
+        chosen = opts[0]
+        for cand in sorted((o for o in opts if o <= want), reverse=True):  # the action wall
+            if self.latency(self.smallest({**self.decided, u.name: cand})) <= self.budget_ms:
+                chosen = cand
+                break
+        self.decided[u.name] = chosen
+        self.floor_ms = self.latency(self.smallest(self.decided))
+        span = max(c.rbound - c.lbound, 1e-9)
+        self.prev_action = float(np.clip((chosen / u.channels - c.lbound) / span, 0.0, 1.0))
+        self.t += 1
+        return None if self.t >= len(self.graph.units) else self._state()
+
+    def policy(self) -> OwnPolicy:
+        return OwnPolicy(tuple((u.name, self.decided.get(u.name, u.channels))
+                               for u in self.graph.units))  # fmt: skip
+
+    def pruned(self, policy: OwnPolicy) -> nn.Module:
+        net = self.graph.prune(policy.as_dict())
+        if self.config.bn_recalibrate:
+            recalibrate_bn(net, self.calibration)
+        return net
+
+    def score(self, policy: OwnPolicy) -> dict[str, float]:
+        acc = evaluate(self.pruned(policy), self.data, self.config.reward_split,
+                       limit=self.config.reward_images)  # fmt: skip
+        ms = self.latency(policy.as_dict())
+        if self.config.reward == "acc":
+            reward = acc / 100.0
+        else:
+            reward = -(1.0 - acc / 100.0) * math.log(max(ms * 1000.0, 1.0 + 1e-9))
+        return {"acc": acc, "latency_ms": ms, "reward": reward}
+
+    def uniform(self, ratio: float) -> dict[str, int]:
+        """Every group at the allowed width nearest below ratio x its channels."""
+        return {u.name: max([o for o in self.options[u.name] if o <= ratio * u.channels + 1e-9]
+                            or [self.options[u.name][0]]) for u in self.graph.units}  # fmt: skip
+
+
+def calibrate(env_latency: OwnLatency, graph: OwnGraph, ratios: tuple[float, ...],
+              options: dict[str, tuple[int, ...]]) -> list[tuple[float, float]]:  # fmt: skip
+    """Measure the unpruned and uniformly pruned networks whole; fit a, b; return the points."""
+    points = []
+    for r in (1.0, *ratios):
+        counts = {u.name: max([o for o in options[u.name] if o <= r * u.channels + 1e-9]
+                              or [options[u.name][0]]) for u in graph.units}  # fmt: skip
+        net = graph.model if r >= 1.0 else graph.prune(counts)
+        measured = env_latency.layers.network_ms(net, graph.input_shape)
+        points.append((env_latency.lut_sum(counts), measured))
+    env_latency.fit(points)
+    return points
+
+
+def prune_own(
+    model: nn.Module,
+    data: Dataset,
+    *,
+    budget_ms: float,
+    target: str | Target,
+    db: str | Path,
+    settings: OwnSettings | None = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> OwnPruneResult:
+    """Prune `model` (trained on `data`) to `budget_ms` measured with TVM on `target`."""
+    from codesign.compression.amc.own_layers import compile_own
+    from codesign.compression.amc.search import run_search
+    from codesign.tvm_backend.runner import LocalRunner, run_steady
+
+    t0 = time.time()
+    settings = settings or OwnSettings()
+    target, say = parse_target(target), log or (lambda _m: None)
+    if not budget_ms > 0:
+        raise PruneError(f"the latency budget must be positive, got {budget_ms!r} ms")
+    model = copy.deepcopy(model).eval()
+    graph = OwnGraph.build(model, (1, *data.info.input_shape))
+    say(f"{len(graph.units)} channel groups, {len(graph.layers)} layers")
+    layers = LayerLatency(db, target, settings.protocol)
+    latency = OwnLatency(graph, layers)
+    options = unit_options(graph, settings.amc, settings.levels)
+    points = calibrate(latency, graph, settings.calibration_ratios, options)
+    say(f"whole networks (lut ms, measured ms): {points}; a={latency.a:.3f} b={latency.b:.3f}")
+    original_ms = points[0][1]
+    env = OwnEnv(graph, data, latency, budget_ms, settings.amc, settings.levels)
+    search_dir = Path(out) / "search" if out is not None else None
+    result = run_search(env, settings.amc, out=search_dir,
+                        latency_id=f"{target.key}|a={latency.a:.6g}|b={latency.b:.6g}",
+                        progress=progress)  # fmt: skip
+    best = OwnPolicy(tuple((n, int(k)) for n, k in
+                           (kv.split("=") for kv in result.best["policy"].split(","))))  # fmt: skip
+    pruned = env.pruned(best)
+    acc_before = evaluate(pruned, data)
+    ft = settings.finetune
+    ckpt = Path(out) / "finetune.pt" if out is not None else None
+    train(pruned, data, ft, checkpoint=ckpt, progress=progress, desc="fine-tune")
+    pruned_acc = evaluate(pruned, data)
+    built = compile_own(pruned, graph.input_shape, target)
+    m = run_steady(LocalRunner(), built, settings.protocol)
+    if not m.ok:
+        raise PruneError(f"measuring the pruned network failed: {m.error}")
+    return OwnPruneResult(
+        model=pruned.eval(),
+        policy=best,
+        budget_ms=float(budget_ms),
+        original_ms=original_ms,
+        pruned_ms=m.median_ms,
+        predicted_ms=latency(best.as_dict()),
+        original_acc=evaluate(model, data),
+        pruned_acc_before_finetune=acc_before,
+        pruned_acc=pruned_acc,
+        calibration=(latency.a, latency.b),
+        layers_measured=layers.measured,
+        episodes=len(result.history),
+        seconds=time.time() - t0,
+    )
+
+
+def with_episodes(settings: OwnSettings, episodes: int) -> OwnSettings:
+    return replace(settings, amc=replace(settings.amc, episodes=episodes))

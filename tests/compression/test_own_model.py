@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    """A small CNN with a depthwise conv, a residual add and a linear head."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16),
+                                  nn.ReLU6())  # fmt: skip
+        self.expand = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32),
+                                    nn.ReLU6())  # fmt: skip
+        self.dw = nn.Sequential(nn.Conv2d(32, 32, 3, 1, 1, groups=32, bias=False),
+                                nn.BatchNorm2d(32), nn.ReLU6())  # fmt: skip
+        self.project = nn.Sequential(nn.Conv2d(32, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.conv = nn.Conv2d(16, 24, 3, 2, 1)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(24, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.project(self.dw(self.expand(x)))
+        x = self.relu(self.conv(x))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def _trained_tiny(seed: int = 0) -> Tiny:
+    torch.manual_seed(seed)
+    net = Tiny()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, as after training
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+def test_groups_follow_the_dependency_graph() -> None:
+    from codesign.compression.amc.own_layers import OwnGraph
+
+    g = OwnGraph.build(_trained_tiny(), (1, 3, 16, 16))
+    assert list(g.layers) == ["stem.0", "expand.0", "dw.0", "project.0", "conv", "fc"]
+    assert g.head == "fc"
+    by_layers = {frozenset(u.outs): u for u in g.units}
+    # the residual add couples the stem's and the projection's outputs (and what reads them)
+    res = by_layers[frozenset({"stem.0", "project.0"})]
+    assert set(res.ins) == {"expand.0", "conv"} and res.channels == 16
+    # the depthwise conv is pruned with the expansion that feeds it
+    assert set(by_layers[frozenset({"expand.0", "dw.0"})].ins) == {"project.0"}
+    assert set(by_layers[frozenset({"conv"})].ins) == {"fc"}
+    eps = {n: s.epilogue for n, s in g.layers.items()}
+    assert eps == {"stem.0": "relu6", "expand.0": "relu6", "dw.0": "relu6", "project.0": "add",
+                   "conv": "relu", "fc": ""}  # fmt: skip
+    assert not g.layers["stem.0"].nhwc_in and g.layers["conv"].nhwc_in
+
+
+def test_pruning_keeps_shapes_consistent_and_outputs_close() -> None:
+    from codesign.compression.amc.own_layers import OwnGraph, layer_specs
+
+    net = _trained_tiny()
+    g = OwnGraph.build(net, (1, 3, 16, 16))
+    x = torch.randn(8, 3, 16, 16)
+    counts = {u.name: u.channels * 3 // 4 for u in g.units}
+    pruned = g.prune(counts)
+    # the analytic shapes the latency model uses are the shapes torch-pruning produced
+    assert tuple(layer_specs(pruned, (1, 3, 16, 16)).values()) == g.specs(counts)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in net.parameters())
+    dw = pruned.dw[0]
+    assert dw.groups == dw.in_channels == dw.out_channels == 24
+    with torch.no_grad():
+        ref, got = net(x), pruned(x)
+    assert got.shape == ref.shape
+    # a mild ratio keeps the big channels: outputs stay correlated with the original's
+    corr = torch.corrcoef(torch.stack([ref.flatten(), got.flatten()]))[0, 1]
+    assert corr > 0.8, float(corr)
+    # the original is untouched
+    assert net.dw[0].out_channels == 32
+
+
+def test_layer_lut_is_reused(tmp_path, x86, quick) -> None:
+    from codesign.compression.amc.own_layers import LayerLatency, LayerSpec
+    from codesign.lut import LatencyTable
+
+    specs = [LayerSpec("conv", 8, 8, (3, 3), padding=(1, 1), groups=8, h=4, w=4, epilogue="add")]
+    db = tmp_path / "lut.sqlite"
+    first = LayerLatency(db, x86, quick)
+    ms = [first.layer_ms(s) for s in specs]
+    assert first.measured == 1 and all(m > 0 for m in ms)
+    second = LayerLatency(db, x86, quick)
+    assert [second.layer_ms(s) for s in specs] == ms and second.measured == 0
+    with LatencyTable(db) as table:
+        assert set(table.latencies(x86.key, "untuned", kind="layer")) == {s.key for s in specs}
+        assert table.latencies(x86.key, "untuned") == {}  # block lookups never see layers
