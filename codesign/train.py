@@ -37,6 +37,16 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def default_device() -> str:
+    """Where training runs unless told otherwise: 'cuda' when a GPU is usable, else 'cpu'."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -50,8 +60,9 @@ def evaluate(
     was_training = model.training
     model.eval()
     correct = total = 0
+    device = _device_of(model)  # evaluates where the model is
     for x, y in data.batches(split, batch_size, limit=limit):
-        correct += int((model(x).argmax(dim=1) == y).sum())
+        correct += int((model(x.to(device)).argmax(dim=1).cpu() == y).sum())
         total += len(y)
     model.train(was_training)
     return 100.0 * correct / max(total, 1)
@@ -65,11 +76,17 @@ def train(
     checkpoint: str | Path | None = None,
     progress: bool = True,
     desc: str = "train",
+    device: str | None = None,
 ) -> list[dict[str, float]]:
-    """Train with SGD + nesterov momentum and a cosine schedule; returns per-epoch history."""
+    """Train with SGD + nesterov momentum and a cosine schedule; returns per-epoch history.
+
+    Runs on `device` (default: `default_device()`, CUDA when present); the model is back on
+    the CPU when this returns, where lowering and export expect it."""
     from tqdm import tqdm
 
     set_seed(config.seed)
+    dev = torch.device(device or default_device())
+    model.to(dev)
     params_bn = [p for n, p in model.named_parameters() if p.ndim <= 1]
     params_w = [p for n, p in model.named_parameters() if p.ndim > 1]
     opt = torch.optim.SGD(
@@ -108,6 +125,7 @@ def train(
         for x, y in data.batches(
             "train", config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch
         ):
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -142,5 +160,5 @@ def train(
             )
             tmp.replace(ckpt)
     bar.close()
-    model.eval()
+    model.to("cpu").eval()
     return history

@@ -31,3 +31,19 @@ def test_mobilenet_width_scales_channels() -> None:
     assert _params(half) < _params(mobilenet_v2()) / 2
     with torch.no_grad():
         assert half.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+
+
+def test_training_device_defaults_and_returns_to_cpu() -> None:
+    from codesign.data import load_dataset
+    from codesign.train import TrainConfig, default_device, evaluate, train
+
+    assert default_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+    data = load_dataset("digits", (1, 8, 8))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    before = evaluate(net, data)
+    train(net, data, TrainConfig(epochs=1, lr=0.1), progress=False, device="cpu")
+    assert all(p.device.type == "cpu" for p in net.parameters())
+    assert evaluate(net, data) > max(before, 50.0)
+    with pytest.raises(RuntimeError):
+        train(net, data, TrainConfig(epochs=1), progress=False, device="no-such-device")
