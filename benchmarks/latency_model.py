@@ -2,6 +2,8 @@
 
     python benchmarks/latency_model.py --quick     # tiny space, untuned LUT, 60 networks
     python benchmarks/latency_model.py             # proxyless space, tuned LUT, 160 networks
+    python benchmarks/latency_model.py --adapt     # few-network models, adaptation, uncertainty
+                                                   # (benchmarks/latency_adapt.py)
 
 Builds (or resumes) the LUT, measures sampled whole networks with the same protocol, fits on a
 seeded split, and reports RMSPE, MAPE and the share within +-5% / +-10% on held-out networks.
@@ -13,6 +15,7 @@ latency_model_untuned.json with --trials 0) and the predicted-vs-measured scatte
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -64,7 +67,31 @@ def main() -> int:
     ap.add_argument("--test-fraction", type=float, default=0.33)
     ap.add_argument("--db", default=None, help="LUT file (default: out/bench/<space>.sqlite)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--adapt", action="store_true", help="few-network / adaptation / uncertainty benchmark"
+    )
+    ap.add_argument("--source", default="x86:threads=1", help="--adapt: target adapted from")
+    ap.add_argument("--adapt-to", default="x86:threads=1", help="--adapt: the new target")
+    ap.add_argument("--adapt-space", default="tiny-w2", help="--adapt: the new space")
+    ap.add_argument("--adapt-networks", type=int, default=64, help="--adapt: new networks")
+    ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # --adapt's child
+    ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.measure or args.adapt:
+        import latency_adapt
+
+        args.db_path = Path(args.db or "out/bench/tiny-adapt.sqlite")
+        args.db_path.parent.mkdir(parents=True, exist_ok=True)
+        if args.measure:
+            latency_adapt.measure_target(
+                args.measure, args.space or "tiny", args.db_path, args.networks or 80,
+                args.seed, Path(args.side),
+            )  # fmt: skip
+            return 0
+        result = latency_adapt.run_adapt(args, machine())
+        write_result("latency_model_adapt", result)
+        print(json.dumps({k: result[k] for k in ("demo", "adapt", "uncertainty", "goals")}))
+        return 0
     space = get_space(args.space or ("tiny" if args.quick else "proxyless"))
     n = args.networks or (60 if args.quick else 160)
     trials = args.trials if args.trials is not None else (0 if args.quick else 32)

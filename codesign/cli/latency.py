@@ -41,6 +41,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--test-fraction", type=float, default=0.33)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--adapt",
+        metavar="FROM_MODEL",
+        default=None,
+        help="adapt this model (another target or space) to --target from the --networks "
+        "measured there: 5 or more, 10 recommended (without --adapt: 16 or more recommended)",
+    )
+    p.add_argument(
+        "--allow-noisy",
+        action="store_true",
+        help="keep a model whose held-out error the host's measurement noise explains",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_fit)
 
@@ -66,6 +78,8 @@ def _fit(args: argparse.Namespace) -> int:
     from codesign.search.space import get_space
     from codesign.targets import parse_target
 
+    if args.adapt is not None:
+        return _adapt(args)
     space, target = get_space(args.space), parse_target(args.target)
     LatencyModel.from_lut(args.db, space, target, mode=args.mode)  # fails early if LUT lacks blocks
     with LatencyTable(args.db) as table:
@@ -95,6 +109,7 @@ def _fit(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction,
         seed=args.seed,
         trials=args.trials,
+        allow_noisy=args.allow_noisy,
     )
     model.save(args.out)
     print(
@@ -102,6 +117,44 @@ def _fit(args: argparse.Namespace) -> int:
         f"held out {report.n_test}: wrote {args.out}"
     )
     _print_table(report.test)
+    _print_noise(report.noise_floor, report.test["lut_xgb"]["rmspe"])
+    return 0
+
+
+def _print_noise(noise_floor: float | None, rmspe: float) -> None:
+    floor = "unknown (the LUT records none)" if noise_floor is None else f"{noise_floor:.2%}"
+    print(f"held-out RMSPE {rmspe:.2%}; host noise floor {floor}")
+
+
+def _adapt(args: argparse.Namespace) -> int:
+    from codesign.latency.adapt import adapt_latency_model
+    from codesign.measurement import MeasureProtocol
+
+    check_text_file(args.adapt, "latency model")
+    res = adapt_latency_model(
+        source=args.adapt,
+        db=args.db,
+        target=args.target,
+        space=args.space,
+        networks=args.networks,
+        mode=args.mode,
+        trials=args.trials,
+        seed=args.seed,
+        protocol=MeasureProtocol(repeat=args.repeat, min_repeat_ms=args.min_repeat_ms),
+        allow_noisy=args.allow_noisy,
+        progress=not args.no_progress,
+    )
+    res.model.save(args.out)
+    print(
+        f"adapted {res.source} to {res.target_key} from {res.n_target} networks "
+        f"({'prior kept' if res.used_prior else 'prior rejected by leave-one-out'}): "
+        f"wrote {args.out}"
+    )
+    if res.held_out:
+        _print_table(res.held_out)
+        _print_noise(res.noise_floor, res.held_out["adapted"]["rmspe"])
+    else:
+        print("no other networks measured on this target: nothing held out to score")
     return 0
 
 
@@ -134,10 +187,12 @@ def _eval(args: argparse.Namespace) -> int:
         f"{model.space.name} on {model.target_key} ({model.mode}), {len(archs)} held-out nets",
     )
     if args.json:
-        print(json.dumps({"n_test": len(archs), "results": results, "plot": str(plot)}, indent=2))
+        out = {"n_test": len(archs), "results": results, "plot": str(plot)}
+        print(json.dumps({**out, "noise_floor": model.noise_floor}, indent=2))
     else:
         print(f"{len(archs)} held-out networks of {model.space.name} on {model.target_key}")
         _print_table(results)
+        _print_noise(model.noise_floor, results["lut_xgb"]["rmspe"])
         print(f"scatter plot: {plot}")
     return 0
 

@@ -2,6 +2,7 @@
 
 One interface for everything that asks "how fast is this network on that target?":
     predict(arch) / predict_many(archs) / predict_blocks(specs)  -> ms
+    predict_with_uncertainty(arch) / ..._blocks(specs)             -> LatencyPrediction
     lut_sum(arch) / block_ms(spec)                                 -> ms from the LUT
     expected(layer_probs)                                          -> differentiable E[latency]
 Blocks missing from the LUT (e.g. pruned shapes) are measured on demand through the TVM backend
@@ -25,6 +26,7 @@ import numpy as np
 from codesign.arch import Arch
 from codesign.blocks import BlockSpec
 from codesign.errors import CodesignError
+from codesign.latency.calibrate import LatencyPrediction, Ridge, interval, z_features
 from codesign.latency.features import FeatureSchema, block_features
 from codesign.latency.regress import Booster
 from codesign.lut import LatencyTable
@@ -74,6 +76,9 @@ class LatencyModel:
         target: Target | None = None,
         trials: int = 0,
         training: dict[str, Any] | None = None,
+        ridge: Ridge | None = None,
+        error: tuple[float, float] | None = None,
+        noise_floor: float | None = None,
     ) -> None:
         if missing not in MISSING:
             raise LatencyModelError(f"missing must be one of {MISSING}, got {missing!r}")
@@ -90,6 +95,9 @@ class LatencyModel:
         self.target = target
         self.trials = trials
         self.training = training or {}
+        self.ridge = ridge  # the few-network correction (form "ridge"; leverage for all forms)
+        self.error = error  # (relative sigma, degrees of freedom) of the chosen form, from CV
+        self.noise_floor = noise_floor  # the host's repeat spread when fitted (relative)
         self.digest = lut_digest(target_key, mode, self.lut, space.blocks())
         self._block_model: Booster | None = None
         self._tables: list[Any] | None = None
@@ -184,6 +192,20 @@ class LatencyModel:
     def predict(self, arch: Arch) -> float:
         return self.predict_blocks(self.space.arch_blocks(arch))
 
+    def predict_blocks_with_uncertainty(self, specs: Sequence[BlockSpec]) -> LatencyPrediction:
+        """The prediction with its 95% interval: the chosen form's cross-validated error,
+        widened by the network's distance to the training networks (leverage) and never
+        below the host's noise floor. A LUT-only model is never `confident`."""
+        x = self.features(specs)
+        ms = float(self._apply(x[None, :])[0])
+        if self.error is None:
+            return interval(ms, None, 1.0, 0.0, self.noise_floor)
+        lev = float(self.ridge.leverage(z_features(self.schema, x))[0]) if self.ridge else 0.0
+        return interval(ms, self.error[0], self.error[1], lev, self.noise_floor)
+
+    def predict_with_uncertainty(self, arch: Arch) -> LatencyPrediction:
+        return self.predict_blocks_with_uncertainty(self.space.arch_blocks(arch))
+
     def predict_many(self, archs: Sequence[Arch]) -> np.ndarray:
         if not archs:
             return np.zeros(0)
@@ -192,6 +214,8 @@ class LatencyModel:
 
     def _apply(self, x: np.ndarray) -> np.ndarray:
         lut = x[:, 0]
+        if self.form == "ridge" and self.ridge is not None:
+            return lut * np.exp(self.ridge.log_ratio(z_features(self.schema, x)))
         if self.residual is None or self.form == "none":
             return lut
         r = self.residual.predict(x)
@@ -254,6 +278,9 @@ class LatencyModel:
             "calibration": list(self.calibration),
             "trials": self.trials,
             "training": self.training,
+            "ridge": self.ridge.to_dict() if self.ridge else None,
+            "error": list(self.error) if self.error else None,
+            "noise_floor": self.noise_floor,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -312,6 +339,9 @@ class LatencyModel:
             target=tgt,
             trials=data.get("trials", 0),
             training=data.get("training"),
+            ridge=Ridge.from_dict(data["ridge"]) if data.get("ridge") else None,
+            error=tuple(data["error"]) if data.get("error") else None,
+            noise_floor=data.get("noise_floor"),
         )
         if model.digest != data["lut_digest"]:
             raise LatencyModelError(
