@@ -55,6 +55,9 @@ class LutConfig:
 class LatencyConfig:
     networks: int = 24
     test_fraction: float = 0.33
+    # search / AMC: measure up to this many candidates whose prediction is uncertain near the
+    # budget instead of trusting it (codesign.latency.measured); 0: predictions only
+    measure_uncertain: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +190,7 @@ class PipelineConfig:
             ("lut.repeat", self.lut.repeat, 1),
             ("lut.min_repeat_ms", self.lut.min_repeat_ms, 0),
             ("latency.networks", self.latency.networks, 0),
+            ("latency.measure_uncertain", self.latency.measure_uncertain, 0),
             ("search.epochs", self.search.epochs, 1),
             ("search.retrain_epochs", self.search.retrain_epochs, 1),
             ("search.batch_size", self.search.batch_size, 1),

@@ -175,12 +175,23 @@ def stage_search(
     cfg: PipelineConfig, db: Path, model_path: str, budget_ms: float, work: Path, progress: bool
 ) -> dict[str, Any]:
     """Search under the budget, measure the chosen network, retrain it; a model dir in `work`."""
+    from codesign.latency.measured import latency_counts, measuring
+    from codesign.latency.model import LatencyModel
     from codesign.search.run import search_arch
     from codesign.search.space import get_space
 
+    model: Any = model_path
+    if cfg.latency.measure_uncertain > 0:
+        model = measuring(
+            LatencyModel.load(model_path, db, target=cfg.target.targets[0]),
+            budget_ms=budget_ms,
+            max_measurements=cfg.latency.measure_uncertain,
+            protocol=_protocol(cfg),
+            seed=cfg.task.seed,
+        )
     result = search_arch(
         get_space(cfg.task.space),
-        model_path,
+        model,
         _data(cfg),
         budget_ms,
         work,
@@ -189,7 +200,8 @@ def stage_search(
         target=cfg.target.targets[0],
         progress=progress,
     )
-    return {"model_dir": str(work), "report": result.report}
+    counts = latency_counts(model)  # candidates measured instead of predicted (None: off)
+    return {"model_dir": str(work), "report": result.report, "latency_counts": counts}
 
 
 def stage_baselines(cfg: PipelineConfig, db: Path, work: Path, progress: bool) -> dict[str, Any]:

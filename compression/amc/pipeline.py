@@ -148,6 +148,9 @@ class PruneJob:
     # pipeline's budget is a fraction of the searched network: with scheduled kernels a small
     # network's fixed per-kernel costs can keep every pruned width above it).
     raise_budget_to_floor: bool = False
+    # measure (through TVM) up to this many candidates whose predicted latency is uncertain
+    # near the budget instead of trusting the prediction (codesign.latency.measured); 0: never
+    measure_uncertain: int = 0
 
 
 def finalize(
@@ -215,6 +218,12 @@ def prune_model(
     if job.raise_budget_to_floor:
         floor_ms, _ = reachable_ms(net, data, lat, config)
         budget_ms = max(budget_ms, floor_ms)
+    from codesign.latency.measured import latency_counts, measuring
+
+    if job.measure_uncertain > 0:
+        lat = measuring(
+            lat, budget_ms=budget_ms, max_measurements=job.measure_uncertain, protocol=job.protocol
+        )
     env = AMCEnv(net, data, lat, budget_ms, config)
     latency_id = f"{lat.target_key}|{lat.mode}|{lat.digest}|{lat.form}|{job.missing}"
     secs = {"setup": time.time() - t0}
@@ -242,6 +251,7 @@ def prune_model(
         "missing": job.missing,
         "predicted_ms": lat.predict_blocks(pruned.specs),
         "base_predicted_ms": env.base_ms,
+        "latency_counts": latency_counts(lat),  # measured instead of predicted (or None)
         "base_blocks": [s.key for s in net.specs],
         "episodes": len(result.history),
         "best_episode": result.best["episode"],
