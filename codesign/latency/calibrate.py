@@ -18,7 +18,8 @@ same on every host. The features mean the same thing on every host and space of 
 
 Uncertainty: the prediction interval of a linear model, relative (log space), with the
 leave-one-out error as the noise estimate and Student's t for small samples:
-    rel = t(0.975, dof) * max(sigma, noise floor) * sqrt(1 + leverage(z))
+    rel = t(0.975, dof) * max(sigma, noise floor / 2.563) * sqrt(1 + leverage(z))
+(the noise floor, `LatencyTable.noise_floor`, is a (p90 - p10) / median spread)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from codesign.latency.features import FeatureSchema
 LAMBDAS = tuple(float(x) for x in np.logspace(-3, 3, 25))
 TOLERANCE = 0.10  # a prediction is "confident" if its 95% interval lies within +-10%
 DEFAULT_REL = 0.25  # relative uncertainty of an uncalibrated (LUT-only) prediction
+P90_P10 = 2.563  # (p90 - p10) / sigma of a normal: the noise floor is such a spread
 
 
 def z_names(schema: FeatureSchema) -> tuple[str, ...]:
@@ -204,7 +206,7 @@ def interval(
     if rel_sigma is None:
         rel = DEFAULT_REL
         return LatencyPrediction(ms, ms * (1 - rel), ms * (1 + rel), rel, False)
-    s = max(rel_sigma, noise_floor or 0.0)
+    s = max(rel_sigma, (noise_floor or 0.0) / P90_P10)
     rel = t_quantile(dof) * s * float(np.sqrt(1.0 + max(leverage, 0.0)))
     return LatencyPrediction(
         ms, float(ms * np.exp(-rel)), float(ms * np.exp(rel)), rel, rel <= TOLERANCE
