@@ -139,8 +139,7 @@ def throughput(space, target, blocks, proto, root: Path) -> dict:  # noqa: ANN00
 def overhead(space, target, n_blocks: int, rounds: int, root: Path) -> dict:  # noqa: ANN001
     from codesign.tvm_backend.build import compile_module
     from codesign.tvm_backend.lower import lower_block
-    from codesign.tvm_backend.rpc_runner import RPCRunner
-    from codesign.tvm_backend.runner import LocalRunner
+    from codesign.tvm_backend.runner import LocalRunner, RPCRunner
 
     proto = MeasureProtocol(repeat=10, number=1, min_repeat_ms=100)
     cfg = make_cfg(root, "overhead", 1, 60.0, 120.0)

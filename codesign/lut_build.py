@@ -51,6 +51,7 @@ class BuildReport:
     valid_records: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     farm: dict[str, Any] = field(default_factory=dict)  # farm runs: servers, retries, quarantine
+    noise_floor: float | None = None  # this host's, when measured by this build (LatencyTable)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,6 +109,7 @@ def build_lut(
     progress: bool = True,
     farm: Any = None,
     precisions: Sequence[str] | None = None,
+    noise_floor: bool | None = None,
 ) -> BuildReport:
     """Measure the blocks of `space` on `target` into the LUT at `db` (see module docstring).
 
@@ -117,10 +119,13 @@ def build_lut(
     `precisions` (e.g. the target's precision menu) measures every block at each precision
     (keys `..._int8`, `..._fp16`); by default blocks are measured at their own precision.
     `space` may be None when `blocks` are given (e.g. the blocks of one pruned network).
+    With `noise_floor` (default: when the whole space is measured, i.e. no `blocks` given; it
+    needs a space and a local runner), the host's noise floor is measured once per LUT file,
+    target and protocol and stored (`LatencyTable.noise_floor`).
     """
     from codesign.tvm_backend.build import compile_module, prepare
     from codesign.tvm_backend.lower import lower_block
-    from codesign.tvm_backend.runner import LocalRunner, run_steady
+    from codesign.tvm_backend.runner import Where, run_steady
 
     if space is None and blocks is None:
         raise ValueError("build_lut needs a search space or an explicit list of blocks")
@@ -128,10 +133,9 @@ def build_lut(
     target = parse_target(target)
     protocol = protocol or MeasureProtocol()
     if farm is None and runner is None and target.is_remote:
-        from codesign.farm.measure import FarmSpec
-
-        farm = FarmSpec.for_target(target)
-    runner = runner or (None if farm is not None else LocalRunner(seed=seed))
+        farm = Where.of_target(target).farm()
+    runner = runner or (None if farm is not None else Where.local().runner(seed=seed))
+    blocks_given = blocks
     blocks = tuple(blocks) if blocks is not None else space.blocks()
     if precisions:
         blocks = tuple(dict.fromkeys(b.with_precision(p) for p in precisions for b in blocks))
@@ -139,6 +143,8 @@ def build_lut(
     name = space.name if space is not None else "-"
     report = BuildReport(name, target.key, mode, len(blocks), trials_per_task=trials)
     t_start = time.time()
+    if noise_floor is None:
+        noise_floor = blocks_given is None
     emulated = farm.is_emulated() if farm is not None else bool(getattr(runner, "emulated", False))
     if mode == "tuned" and emulated:
         from codesign.errors import TuningError
@@ -249,10 +255,59 @@ def build_lut(
                 bar.set_postfix_str(f"{b.key} {m.median_ms:.3f} ms" if m.ok else "failed")
                 bar.update()
         report.seconds["measure"] = time.time() - t0
+        if noise_floor and farm is None and space is not None:
+            t0 = time.time()
+            report.noise_floor = _record_noise_floor(
+                table, space, target, runner, protocol, seed=seed, progress=progress
+            )
+            if report.noise_floor is not None:
+                report.seconds["noise_floor"] = time.time() - t0
     finally:
         report.seconds["total"] = time.time() - t_start
         table.close()
     return report
+
+
+def _record_noise_floor(
+    table: LatencyTable,
+    space: SearchSpace,
+    target: Target,
+    runner: Any,
+    protocol: MeasureProtocol,
+    *,
+    seed: int,
+    progress: bool,
+) -> float | None:
+    """Measure one seeded network of the space again and again and store the spread of its
+    medians as the LUT's noise floor, unless already stored for this target and protocol.
+    A failure is reported, not raised: the blocks are stored already."""
+    import random
+
+    from codesign.latency.networks import compile_network
+    from codesign.modules import build_network
+    from codesign.tvm_backend.runner import repeat_spread
+
+    old = table.noise_floor_info()
+    if old and old.get("target") == target.key and old.get("protocol") == protocol.to_dict():
+        return None
+    arch = space.sample(random.Random(seed))
+    try:
+        net = build_network(space, arch, seed=seed)
+        built, _ = compile_network(net, target, label=arch.encode(), seed=seed)
+        value, medians = repeat_spread(runner, built, protocol)
+    except Exception as err:  # the probe only: never lose or fail the measured blocks
+        if progress:
+            print(f"noise floor not recorded: {type(err).__name__}: {err}", file=sys.stderr)
+        return None
+    interrupt.check()
+    table.set_noise_floor(
+        value,
+        target=target.key,
+        network=arch.encode(),
+        samples_ms=list(medians),
+        protocol=protocol.to_dict(),
+    )
+    return value
 
 
 def _measure_on_farm(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import socket
 import statistics
@@ -50,6 +51,9 @@ class Measurement:
     repeats: int
     samples_ms: tuple[float, ...] = ()
     error: str | None = None
+    # False when the timing protocol gave up: every round of windows shared the CPU with other
+    # work (see codesign.tvm_backend.runner.timing); not stored in the LUT
+    converged: bool = field(default=True, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -60,12 +64,32 @@ class Measurement:
         """Coefficient of variation of the samples (std / mean); nan when failed."""
         return self.std_ms / self.mean_ms if self.ok and self.mean_ms > 0 else float("nan")
 
+    @property
+    def median_error(self) -> float:
+        """How well the samples pin the median down: the half-width of a distribution-free ~95%
+        confidence interval of the median (order statistics n/2 -+ 0.98 sqrt(n)), relative to
+        the median. Unlike `cv` it shrinks with more samples whatever the noise looks like (a
+        shared host's windows spread 10-20% for good); nan when failed."""
+        n = len(self.samples_ms)
+        if not self.ok or n == 0 or not self.median_ms > 0:
+            return float("nan")
+        xs = sorted(self.samples_ms)
+        lo = max(0, math.floor(n / 2 - 0.98 * math.sqrt(n)))
+        hi = min(n - 1, math.ceil(n / 2 + 0.98 * math.sqrt(n)) - 1)
+        return (xs[hi] - xs[lo]) / (2 * self.median_ms)
+
     def steady(self, max_cv: float) -> bool:
-        """Whether the samples agree within `max_cv` (a load spike mid-run spreads them)."""
-        return self.ok and self.cv <= max_cv
+        """Whether the median is trustworthy: the samples agree within `max_cv`, or there are
+        enough of them to pin the median within `max_cv` (`median_error`) although they
+        spread (a load spike mid-run spreads them and moves a median of few)."""
+        if not (self.ok and self.converged):
+            return False
+        return self.cv <= max_cv or self.median_error <= max_cv
 
     @classmethod
-    def from_samples(cls, samples_s: list[float] | tuple[float, ...]) -> Measurement:
+    def from_samples(
+        cls, samples_s: list[float] | tuple[float, ...], *, converged: bool = True
+    ) -> Measurement:
         ms = tuple(float(s) * 1e3 for s in samples_s)
         if not ms:
             return cls.failed("no samples")
@@ -77,6 +101,7 @@ class Measurement:
             max_ms=max(ms),
             repeats=len(ms),
             samples_ms=ms,
+            converged=converged,
         )
 
     @classmethod

@@ -17,9 +17,7 @@ import numpy as np
 from codesign.artifact.manifest import host_machine
 from codesign.errors import ArtifactError
 from codesign.measurement import Measurement, MeasureProtocol
-from codesign.tvm_backend.runner import affinity_kept
-
-_FLUSH = "cache_flush_cpu_non_first_arg"
+from codesign.tvm_backend.runner import affinity_kept, set_threads, time_vm
 
 
 class Executor(abc.ABC):
@@ -100,8 +98,6 @@ class LocalExecutor(Executor):
                 "no CUDA device on this machine; load the artifact with device='cpu'"
             )
         if kind == "cpu" and threads:
-            from codesign.tvm_backend.runner import set_threads
-
             set_threads(threads)
         self.kind = kind
         self.threads = threads
@@ -146,16 +142,7 @@ class LocalExecutor(Executor):
         import tvm
 
         try:
-            evaluator = self.vm.time_evaluator(
-                "main",
-                self.dev,
-                number=protocol.number,
-                repeat=protocol.repeat,
-                min_repeat_ms=protocol.min_repeat_ms,
-                f_preproc=_FLUSH if protocol.cache_flush and self.kind == "cpu" else "",
-            )
-            return Measurement.from_samples(
-                list(evaluator(tvm.runtime.tensor(x, self.dev)).results)
-            )
+            args = [tvm.runtime.tensor(x, self.dev)]
+            return time_vm(self.vm, self.dev, args, protocol, cpu=self.kind == "cpu")
         except Exception as err:  # device-side failure: report, do not raise
             return Measurement.failed(f"{type(err).__name__}: {err}")

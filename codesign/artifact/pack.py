@@ -104,17 +104,18 @@ def _executor(
     the flag says whether it is the target device (only then is the latency measured)."""
     stack = contextlib.ExitStack()
     if target.is_remote and opts.device_check:
-        from codesign.artifact.remote import RemoteExecutor, request_session
+        from dataclasses import replace
 
-        session = request_session(
-            target.tracker or "", target.rpc_key or "", timeout_s=opts.rpc_timeout_s
-        )
+        from codesign.artifact.remote import RemoteExecutor
+        from codesign.tvm_backend.runner import Where
+
+        where = replace(Where.of_target(target), request_timeout_s=opts.rpc_timeout_s)
         ex = RemoteExecutor(
-            session,
+            where.session(),
             library,
             threads=target.threads,
             emulated=opts.emulated,
-            where=f"rpc key {target.rpc_key} via tracker {target.tracker}",
+            where=where.describe(),
         )
         return stack.enter_context(ex), stack, True
     if target.is_remote or (target.device == "cuda" and not opts.device_check):

@@ -34,7 +34,9 @@ class FarmSpec:
 
     @classmethod
     def for_target(cls, target: Any, config: FarmConfig | None = None) -> FarmSpec:
-        return cls(target.tracker, target.rpc_key, config)
+        from codesign.tvm_backend.runner import Where
+
+        return Where.of_target(target).farm(config)
 
     def resolved(self) -> FarmConfig:
         return self.config or load_config()
@@ -79,7 +81,7 @@ def measure_many(
 
     A module that fails to compile or export is reported as a failed Measurement, not raised.
     """
-    from codesign.tvm_backend.rpc_runner import prepare_job
+    from codesign.tvm_backend.runner import prepare_job
 
     by_id = {it.id: it for it in items}
     if not items:

@@ -60,7 +60,7 @@ class Job:
     id: str
     key: str
     tracker: str  # HOST:PORT
-    payload: Any  # codesign.tvm_backend.rpc_runner.RemoteJob
+    payload: Any  # codesign.tvm_backend.runner.RemoteJob
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ def handle(conn, msg: tuple) -> None:  # noqa: ANN001
     from tvm import rpc
 
     from codesign.farm.tracker import TrackerClient, parse_addr
-    from codesign.tvm_backend.rpc_runner import measure_session
+    from codesign.tvm_backend.runner import measure_session
 
     _, job_id, job, tracker, key, limits, avoid = msg
     try:

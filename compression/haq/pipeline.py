@@ -136,9 +136,10 @@ def compiled_accuracy(built: Any, data: Any, limit: int) -> tuple[float, float]:
 
 
 def measure_built(built: Any, protocol: MeasureProtocol, seed: int = 0) -> float:
-    from codesign.tvm_backend.runner import LocalRunner
+    """Median ms of the compiled quantized network on this machine (the shared runner)."""
+    from codesign.tvm_backend.runner import Where
 
-    m = LocalRunner(seed=seed).run(built, protocol)
+    m = Where.local().runner(seed=seed).run(built, protocol)
     if not m.ok:
         raise CodesignError(f"measuring {built.label} failed: {m.error}")
     return m.median_ms

@@ -55,7 +55,7 @@ def test_cross_compiled_network_matches_x86(arm_farm) -> None:
     from codesign.modules import build_network
     from codesign.tvm_backend.build import compile_module
     from codesign.tvm_backend.lower import lower_module
-    from codesign.tvm_backend.rpc_runner import RPCRunner
+    from codesign.tvm_backend.runner import RPCRunner
 
     space = get_space("tiny")
     arch = space.decode("k3e6-k5e3_k7e6-skip_k3e3-k3e3")

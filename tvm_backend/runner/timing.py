@@ -1,0 +1,155 @@
+"""The one timing loop: TVM's `time_evaluator` on a Relax VM, local or over RPC, for every
+compiled module (LUT blocks, networks, artifacts, quantized networks).
+
+The loop runs in the TVM runtime of the device (only the samples cross an RPC connection).
+The protocol converges on a noisy shared host (docs: benchmarks/measure_stability.py):
+
+1. an untimed warm-up window of WARMUP_MS: the first runs after other work in the process
+   stall (PyTorch's OpenMP threads still spinning beside TVM's pinned workers, TVM's own pool
+   waking, cold caches and clocks); seen here: 4-16 ms runs of a 0.1 ms block right after
+   PyTorch training, none 0.2 s later;
+2. rounds of `protocol.repeat` short windows (`min_repeat_ms / SPLIT` each) instead of few long
+   ones: a load spike spoils one short window, not a long one, and the median ignores it;
+3. on this machine, a round during which this process's threads waited for a CPU (Linux
+   schedstat run delay) more than CONTENDED of the round's wall time is set aside: TVM's
+   workers are pinned, so a parallel loop whose thread shares its core with another process
+   waits a whole scheduler slice (seen here: 30-90 ms runs of a 0.2 ms block beside a test
+   suite), and a median of such windows is steady but wrong;
+4. rounds continue (MIN_ROUNDS..MAX_ROUNDS) until the clean samples pin the median down
+   (`Measurement.steady(STEADY_CV)`: its ~95% confidence interval within +-5%). A measurement
+   with no clean round says so (`converged=False`: never steady); `run_steady` then measures
+   again and keeps the best.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from codesign.measurement import Measurement, MeasureProtocol
+from codesign.tvm_backend.runner.base import Runner
+
+FLUSH = "cache_flush_cpu_non_first_arg"
+
+# Samples spreading more than this (std / mean), and too few to pin the median within it, mean
+# something else took the CPU mid-run: a steady measurement of one network repeats within ~1%
+# on an idle 2-core machine.
+STEADY_CV = 0.05
+WARMUP_MS = 30
+SPLIT = 5
+MIN_ROUNDS, MAX_ROUNDS = 2, 5
+CONTENDED = 0.05  # run delay of all threads / wall time of a round
+
+
+def run_delay_s() -> float:
+    """Seconds the threads of this process have spent runnable but waiting for a CPU (the
+    second field of /proc/<pid>/task/<tid>/schedstat); 0 where the kernel does not say."""
+    total = 0
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
+def _is_local(dev: Any) -> bool:
+    """A device of this process, not one reached over RPC (TVM masks RPC device types)."""
+    try:
+        return int(dev.dlpack_device_type()) < 128
+    except Exception:
+        return False
+
+
+def random_input(shape: tuple[int, ...], dtype: str, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if dtype.startswith(("int", "uint")):
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, size=shape, endpoint=True).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def time_vm(
+    vm: Any,
+    dev: Any,
+    args: Sequence[Any],
+    protocol: MeasureProtocol,
+    *,
+    cpu: bool = True,
+    stateful: bool = False,
+) -> Measurement:
+    """Time `main` of a Relax VM on `dev` (local or remote) with `args` (device tensors).
+
+    `stateful` times through the VM's stateful API (set_input / invoke_stateful): over RPC a
+    tuple output is an opaque object the plain call cannot return. The CPU cache flush (on
+    `cpu` devices when the protocol asks) needs the plain call. Raises on device errors.
+    """
+    window_ms = protocol.min_repeat_ms // SPLIT if protocol.min_repeat_ms >= SPLIT else 0
+    if stateful:
+        vm.set_input("main", *args)
+        name, call_args, flush = "invoke_stateful", ("main",), ""
+    else:
+        name, call_args = "main", tuple(args)
+        flush = FLUSH if protocol.cache_flush and cpu else ""
+
+    def evaluator(repeat: int, min_ms: int) -> Any:
+        return vm.time_evaluator(
+            name, dev, number=protocol.number, repeat=repeat, min_repeat_ms=min_ms,
+            f_preproc=flush,
+        )  # fmt: skip
+
+    evaluator(1, WARMUP_MS)(*call_args)
+    windows = evaluator(protocol.repeat, window_ms)
+    watch = _is_local(dev)
+    clean: list[float] = []
+    spoiled: list[float] = []
+    rounds = 0
+    for _ in range(MAX_ROUNDS):
+        waited, t0 = run_delay_s() if watch else 0.0, time.perf_counter()
+        got = list(windows(*call_args).results)
+        wall = time.perf_counter() - t0
+        if watch and run_delay_s() - waited > CONTENDED * wall:
+            spoiled += got
+            if not clean and len(spoiled) >= MIN_ROUNDS * protocol.repeat:
+                break  # lasting load: say so now, the caller may retry later
+            continue
+        clean += got
+        rounds += 1
+        if rounds >= MIN_ROUNDS and Measurement.from_samples(clean).steady(STEADY_CV):
+            break
+    if clean:
+        return Measurement.from_samples(clean)
+    return Measurement.from_samples(spoiled, converged=False)
+
+
+def run_steady(
+    runner: Runner,
+    built: Any,
+    protocol: MeasureProtocol,
+    *,
+    max_cv: float = STEADY_CV,
+    tries: int = 3,
+) -> Measurement:
+    """`runner.run`, repeated (at most `tries` runs in all) while unsteady (see
+    `Measurement.steady`); returns the run whose median is pinned down best. A failure is
+    returned at once."""
+    best: Measurement | None = None
+    for _ in range(max(1, tries)):
+        m = runner.run(built, protocol)
+        if not m.ok:
+            return m
+        if best is None or (m.median_error, m.cv) < (best.median_error, best.cv):
+            best = m
+        if m.steady(max_cv):
+            break
+    assert best is not None
+    return best
