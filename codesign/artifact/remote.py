@@ -25,6 +25,7 @@ import numpy as np
 from codesign.artifact.executor import Executor, parse_device, to_numpy
 from codesign.errors import FarmError, NoServerError, RemoteError
 from codesign.measurement import Measurement, MeasureProtocol
+from codesign.tvm_backend.runner import size_thread_pool, time_vm
 
 
 def _tracker(tracker: str, timeout_s: float) -> Any:
@@ -76,14 +77,25 @@ def request_session(
     """An RPC session on a server of `key`, obtained within `timeout_s` (else RemoteError).
 
     The server ends the session after `session_timeout_s`, so a runaway job cannot hold it.
+    `timeout_s` also bounds opening the session and, through the session's `rpc_deadline`
+    (a codesign.farm.deadline.RpcDeadline), every later call of a RemoteExecutor on it (upload,
+    load, run, timing, download): a frozen server ends in a RemoteError, never a hang.
     """
     from tvm import rpc
 
+    from codesign.farm.deadline import RpcDeadline
+
     url, port, matchkey = request_server(tracker, key, timeout_s=timeout_s, priority=priority)
+    deadline = RpcDeadline(url, port, timeout_s)
     try:
-        return rpc.connect(url, port, matchkey, session_timeout=session_timeout_s)
+        with deadline.bound(f"opening a session on {url}:{port} (key {key!r})"):
+            session = rpc.connect(url, port, matchkey, session_timeout=session_timeout_s)
+    except RemoteError:
+        raise
     except Exception as err:
         raise RemoteError(f"cannot open a session on {url}:{port} (key {key!r}): {err}") from None
+    session.rpc_deadline = deadline
+    return session
 
 
 class RemoteExecutor(Executor):
@@ -99,18 +111,28 @@ class RemoteExecutor(Executor):
         emulated: bool | None = None,
         where: str = "rpc",
     ) -> None:
-        from tvm import relax
-
         library = Path(library)
         kind, index = parse_device(device)
+        self.deadline = getattr(session, "rpc_deadline", None)  # set by request_session
+        with self._bound(f"uploading and loading {library.name}"):
+            self._load(session, library, kind, index, threads)
+        self.cpu = kind == "cpu"
+        self.session = session
+        self.where = where
+        self.emulated = emulated
+
+    def _bound(self, what: str) -> contextlib.AbstractContextManager[None]:
+        return self.deadline.bound(what) if self.deadline else contextlib.nullcontext()
+
+    def _load(
+        self, session: Any, library: Path, kind: str, index: int, threads: int | None
+    ) -> None:
+        from tvm import relax
+
         try:
             session.upload(str(library))
             rlib = session.load_module(library.name)
             self.dev = session.cuda(index) if kind == "cuda" else session.cpu(index)
-            if threads and kind == "cpu":
-                # servers without it keep their own thread pool
-                with contextlib.suppress(Exception):
-                    session.get_function("runtime.config_threadpool")(1, int(threads))
             self.vm = relax.VirtualMachine(rlib, self.dev)
         except Exception as err:
             raise RemoteError(
@@ -118,39 +140,28 @@ class RemoteExecutor(Executor):
                 "shows up as 'cannot open shared object file')"
             ) from None
         if threads and kind == "cpu":
-            from codesign.tvm_backend.runner import check_thread_pool
-
-            pool = session.get_function("runtime.NumThreads")()
-            check_thread_pool(pool, threads, "the RPC server", error=RemoteError)
-        self.session = session
-        self.where = where
-        self.emulated = emulated
+            size_thread_pool(session.get_function, threads, "the RPC server", error=RemoteError)
 
     def run(self, x: np.ndarray) -> np.ndarray:
         import tvm
 
-        try:
-            self.vm.set_input("main", tvm.runtime.tensor(x, self.dev))
-            self.vm.invoke_stateful("main")
-            return to_numpy(self.vm.get_outputs("main"))
-        except Exception as err:
-            raise RemoteError(f"running on {self.where} failed: {err}") from None
+        with self._bound(f"running on {self.where}"):
+            try:
+                self.vm.set_input("main", tvm.runtime.tensor(x, self.dev))
+                self.vm.invoke_stateful("main")
+                return to_numpy(self.vm.get_outputs("main"))
+            except Exception as err:
+                raise RemoteError(f"running on {self.where} failed: {err}") from None
 
     def time(self, x: np.ndarray, protocol: MeasureProtocol) -> Measurement:
         import tvm
 
-        try:
-            self.vm.set_input("main", tvm.runtime.tensor(x, self.dev))
-            evaluator = self.vm.time_evaluator(
-                "invoke_stateful",
-                self.dev,
-                number=protocol.number,
-                repeat=protocol.repeat,
-                min_repeat_ms=protocol.min_repeat_ms,
-            )
-            return Measurement.from_samples(list(evaluator("main").results))
-        except Exception as err:  # device-side failure: report, do not raise
-            return Measurement.failed(f"{type(err).__name__}: {err}")
+        with self._bound(f"timing on {self.where}"):
+            try:
+                args = [tvm.runtime.tensor(x, self.dev)]
+                return time_vm(self.vm, self.dev, args, protocol, cpu=self.cpu, stateful=True)
+            except Exception as err:  # device-side failure: report, do not raise
+                return Measurement.failed(f"{type(err).__name__}: {err}")
 
     def close(self) -> None:
         # The session ends when nothing refers to it: remote devices hold it too (_rpc_sess),

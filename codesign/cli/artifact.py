@@ -110,7 +110,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rpc-key", default=None, help="run on an RPC server of this key")
     p.add_argument("--tracker", default=None, help="RPC tracker HOST:PORT")
     p.add_argument(
-        "--rpc-timeout", type=positive_float, default=60.0, help="seconds to get a server"
+        "--rpc-timeout",
+        type=positive_float,
+        default=60.0,
+        help="seconds each RPC phase may take: getting a server, connecting, uploading, "
+        "running, timing (default 60); a frozen server ends in an error, not a hang",
+    )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="TVM threads to run with, locally or on the RPC server (default: the artifact's "
+        "target threads); a server runs at most its TVM_NUM_THREADS",
     )
     p.add_argument("--top", type=positive_int, default=5, help="classes to print (default 5)")
     p.add_argument("--repeat", type=positive_int, default=10, help="timed samples (default 10)")
@@ -388,7 +399,7 @@ def _run(args: argparse.Namespace) -> int:
         session = request_session(tracker, key, timeout_s=args.rpc_timeout)
         where_remote = f"rpc key {key} via tracker {tracker}"
     protocol = MeasureProtocol(repeat=args.repeat, min_repeat_ms=args.min_repeat_ms)
-    with load(args.artifact, args.device, session=session) as predictor:
+    with load(args.artifact, args.device, session=session, threads=args.threads) as predictor:
         x = predictor.check_input(read_input(args.input, predictor))
         top = predictor.classify(x, top=args.top)
         m = predictor.time(protocol)

@@ -27,11 +27,15 @@ quarantine_after = 2        # consecutive failures before a server is quarantine
 max_restarts = 20           # restarts per server over the supervisor's life
 
 [[servers]]                 # one table per group of identical servers
-key = "x86"
-count = 2
+key = "local"
+count = 1
 port = 9100                 # first port; server i listens on port + i
-threads = 1                 # TVM_NUM_THREADS of each server
+threads = 0                 # TVM_NUM_THREADS of each server; 0: this machine's CPUs
 emulator = ""               # "arm64": run in the emulated arm64 chroot (emulated timings)
+
+Without a file (`codesign farm up`), the farm is the tracker on 127.0.0.1:9190 and one server
+of key `local` on port 9100 with this machine's CPUs as threads: it runs the artifacts compiled
+for this machine (`codesign run model.tar --rpc-key local --tracker 127.0.0.1:9190`).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ DEFAULT_STATE_DIR = Path(
     os.environ.get("CODESIGN_FARM_DIR", Path.home() / ".cache" / "codesign" / "farm")
 )
 EMULATORS = ("", "arm64")
+DEFAULT_KEY = "local"  # the built-in farm's one server: this machine's CPU
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,12 +82,18 @@ class ServerGroup:
     key: str
     count: int = 1
     port: int = 9100
-    threads: int = 1
+    threads: int = 0  # 0: this machine's CPUs (resolved when the server starts)
     emulator: str = ""
 
     @property
     def emulated(self) -> bool:
         return bool(self.emulator)
+
+    def server_threads(self) -> int:
+        """TVM_NUM_THREADS of each server: `threads`, or this machine's CPUs when 0."""
+        from codesign.targets import host_threads
+
+        return self.threads or host_threads()
 
     def names(self) -> list[tuple[str, int]]:
         """(server name, port) of each server of the group."""
@@ -109,7 +120,7 @@ class FarmConfig:
         if len(set(keys)) != len(keys):
             raise FarmError(f"farm config: key listed twice in [[servers]] ({keys})")
         for g in self.servers:
-            if g.count < 1 or g.threads < 1 or not 0 < g.port < 65536:
+            if g.count < 1 or g.threads < 0 or not 0 < g.port < 65536:
                 raise FarmError(f"farm config: bad server group {g}")
             if g.emulator not in EMULATORS:
                 raise FarmError(
@@ -173,7 +184,8 @@ def _table(data: dict[str, Any], name: str, cls: type) -> Any:
 def load_config(
     path: str | Path | None = None, *, state_dir: str | Path | None = None
 ) -> FarmConfig:
-    """Read `farm.toml` (None: defaults, one x86 server on port 9100)."""
+    """Read `farm.toml` (None: defaults, one server of key `local` on port 9100 with this
+    machine's CPUs as threads)."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -189,7 +201,7 @@ def load_config(
     tracker = data.get("tracker", {})
     farm = data.get("farm", {})
     groups = []
-    for g in data.get("servers", [{"key": "x86"}]):
+    for g in data.get("servers", [{"key": DEFAULT_KEY}]):
         known = {f.name for f in fields(ServerGroup)}
         if not isinstance(g, dict) or "key" not in g or set(g) - known:
             raise FarmError(f"farm config: each [[servers]] needs key= and only {sorted(known)}")

@@ -117,12 +117,17 @@ class Supervisor:
 
     def _server_proc(self, g: ServerGroup, name: str, port: int) -> _Managed:
         c = self.cfg
-        env = {"TVM_NUM_THREADS": str(g.threads)}
+        env = {"TVM_NUM_THREADS": str(g.server_threads())}
         if g.emulator:
             from codesign.farm.arm_emulator import ArmRootfs, server_command
 
             argv = server_command(
-                ArmRootfs(), host=c.bind, port=port, tracker=c.tracker, key=g.key, threads=g.threads
+                ArmRootfs(),
+                host=c.bind,
+                port=port,
+                tracker=c.tracker,
+                key=g.key,
+                threads=g.server_threads(),
             )
         else:
             argv = [sys.executable, "-m", "codesign.farm.rpc_server", "--host", c.bind]
