@@ -159,7 +159,19 @@ class QuantPolicy:
         `fp16` (per block) likewise limits fp16 execution (e.g. to where it is measured faster
         than fp32); elsewhere a block whose bits fit 16 runs in fp32.
         """
-        counts = layers_per_block(blocks)
+        return cls.derive_units(layers_per_block(blocks), bits, menu, int8, fp16)
+
+    @classmethod
+    def derive_units(
+        cls,
+        counts: Sequence[int],
+        bits: Sequence[tuple[int, int]],
+        menu: PrecisionMenu,
+        int8: Sequence[bool] | None = None,
+        fp16: Sequence[bool] | None = None,
+    ) -> QuantPolicy:
+        """`derive` for units of execution precision given by their layer counts (a network
+        without BlockSpecs: one unit per layer, `codesign.compression.quant.graph`)."""
         if len(bits) != sum(counts):
             raise PolicyError(f"{len(bits)} layer bits for a network of {sum(counts)} layers")
         for name, mask in (("int8", int8), ("fp16", fp16)):
