@@ -38,6 +38,21 @@ def positive_float(text: str) -> float:
     return value
 
 
+def add_rpc_timeout(p: argparse.ArgumentParser, default: float | None = 60.0) -> None:
+    """The one `--rpc-timeout` option of every command that talks to RPC servers: the seconds
+    each RPC phase may take (getting a server, connecting, uploading, running, timing), so a
+    frozen or unreachable server ends in an error, never a hang."""
+    what = f"default {default:g}" if default is not None else "default: the farm's timeouts"
+    p.add_argument(
+        "--rpc-timeout",
+        type=positive_float,
+        default=default,
+        metavar="SECONDS",
+        help="seconds each RPC phase may take: getting a server, connecting, uploading, "
+        f"running, timing ({what}); a frozen server ends in an error, not a hang",
+    )
+
+
 def check_text_file(path: str | None, what: str) -> None:
     """Refuses (one line, before any work) a file argument that is a directory or not
     UTF-8 text, e.g. a binary file given as a JSON or TOML file. A missing file is left to

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from codesign.cli.argtypes import non_negative_int, positive_float, positive_int
+from codesign.cli.argtypes import add_rpc_timeout, non_negative_int, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -80,9 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="record that the remote device is an emulator (its timing is not real)",
     )
-    p.add_argument(
-        "--rpc-timeout", type=positive_float, default=60.0, help="seconds to get a server"
-    )
+    add_rpc_timeout(p)
     _import_options(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress output")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -109,13 +107,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--rpc-key", default=None, help="run on an RPC server of this key")
     p.add_argument("--tracker", default=None, help="RPC tracker HOST:PORT")
-    p.add_argument(
-        "--rpc-timeout",
-        type=positive_float,
-        default=60.0,
-        help="seconds each RPC phase may take: getting a server, connecting, uploading, "
-        "running, timing (default 60); a frozen server ends in an error, not a hang",
-    )
+    add_rpc_timeout(p)
     p.add_argument(
         "--threads",
         type=positive_int,

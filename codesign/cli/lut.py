@@ -6,7 +6,7 @@ import argparse
 import json
 import math
 
-from codesign.cli.argtypes import non_negative_int, positive_int
+from codesign.cli.argtypes import add_rpc_timeout, non_negative_int, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed for weights, inputs and tuning")
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N blocks")
+    add_rpc_timeout(p, default=None)  # remote targets: the farm jobs' phases
     p.add_argument("--json", action="store_true", help="print the build report as JSON")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_build)
@@ -64,6 +65,16 @@ def _build(args: argparse.Namespace) -> int:
     protocol = MeasureProtocol(
         repeat=args.repeat, min_repeat_ms=args.min_repeat_ms, cache_flush=args.cache_flush
     )
+    farm = None
+    if args.rpc_timeout is not None:
+        from codesign.farm.config import load_config
+        from codesign.targets import parse_target
+        from codesign.tvm_backend.runner import Where
+
+        target = parse_target(args.target)
+        if target.is_remote:  # local targets talk to no RPC server: nothing to bound
+            cfg = load_config().with_rpc_timeout(args.rpc_timeout)
+            farm = Where.of_target(target).farm(config=cfg)
     report = build_lut(
         space,
         args.target,
@@ -73,6 +84,7 @@ def _build(args: argparse.Namespace) -> int:
         seed=args.seed,
         blocks=blocks,
         progress=not args.no_progress,
+        farm=farm,
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))

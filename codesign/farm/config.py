@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,28 @@ class FarmConfig:
         """This config with `group` added (or replacing the group of the same key)."""
         others = tuple(g for g in self.servers if g.key != group.key)
         return self.with_servers((*others, group))
+
+    def with_rpc_timeout(self, seconds: float | None) -> FarmConfig:
+        """This config with every RPC phase of a farm job bounded by `seconds` (`--rpc-timeout`):
+        a tracker exchange and the wait for a free server, then the job (connect, upload, load,
+        time: 4 phases) gets 4x, and the server-side session at least that. None: unchanged."""
+        if seconds is None:
+            return self
+        if not seconds > 0:
+            raise FarmError(f"the RPC timeout must be > 0 seconds, got {seconds}")
+        t = self.timeouts
+        job = 4 * seconds
+        timeouts = replace(
+            t,
+            socket=min(t.socket, seconds),
+            request=seconds,
+            job=job,
+            session=max(t.session, job + 10),
+            probe=min(t.probe, seconds),
+        )
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["timeouts"] = timeouts
+        return FarmConfig(**d)
 
     def with_servers(self, servers: tuple[ServerGroup, ...]) -> FarmConfig:
         d = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -84,3 +84,29 @@ def test_run_on_the_default_farm_shape(tmp_path: Path, x86_artifact: Path, capsy
         assert "Traceback" not in err and took < 15, took
     finally:
         stop_farm(cfg.state_dir)
+
+
+def test_one_rpc_timeout_option_bounds_every_farm_phase(capsys) -> None:  # noqa: ANN001
+    """`--rpc-timeout` is one option (argtypes.add_rpc_timeout) on run, compile and lut build;
+    on the farm it bounds the tracker exchange and the wait for a server, and a job's four
+    phases (connect, upload, load, time) together."""
+    from codesign.cli.main import build_parser
+    from codesign.farm.config import FarmConfig
+
+    parser = build_parser()
+    for argv in (
+        ["run", "m.tar", "--input", "x.npy"],
+        ["compile", "--model", "m", "--target", "x86", "--out", "m.tar"],
+        ["lut", "build", "--space", "tiny", "--target", "x86", "--db", "l.sqlite"],
+    ):
+        assert parser.parse_args([*argv, "--rpc-timeout", "20"]).rpc_timeout == 20.0
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args([*argv, "--rpc-timeout", "0"])
+        assert exc.value.code == 2 and "give a number > 0" in capsys.readouterr().err
+    assert parser.parse_args(["lut", "build", "--space", "s", "--target", "x86", "--db", "d"])
+    cfg = FarmConfig()
+    assert cfg.with_rpc_timeout(None) is cfg
+    t = cfg.with_rpc_timeout(20.0).timeouts
+    assert (t.request, t.job, t.socket, t.probe) == (20.0, 80.0, 5.0, 5.0)
+    assert t.session >= t.job
+    assert cfg.with_rpc_timeout(2.0).timeouts.socket == 2.0
