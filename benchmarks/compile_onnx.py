@@ -48,15 +48,15 @@ def mobilenet_v2(seed: int = 0):
     net = make(num_classes=1000, width=1.0)
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm2d):  # as if trained: folding must be exact
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
+            m.running_mean.uniform_(-0.2, 0.2)  # pyright: ignore[reportOptionalMemberAccess]
+            m.running_var.uniform_(0.5, 1.5)  # pyright: ignore[reportOptionalMemberAccess]
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.1, 0.1)
     return net.eval()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1x3x64x64 instead of 1x3x224x224")
     ap.add_argument("--target", default="x86")
     ap.add_argument("--tune-trials", type=int, default=0)

@@ -20,6 +20,7 @@ with one input and one output (what a compiled artifact's `main` takes and retur
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import importlib
 import warnings
@@ -86,11 +87,20 @@ def import_model(
     """Import an ONNX file, a .pt2 ExportedProgram file, a 'module:factory' spec (with an
     optional state_dict `weights` file), a torch.nn.Module or an ExportedProgram."""
     shape = tuple(int(d) for d in input_shape) if input_shape is not None else None
+    torch_source = not (isinstance(source, str | Path) and str(source).lower().endswith(".onnx"))
+    if torch_source and input_dtype not in (None, "float32"):
+        raise ModelImportError(
+            f"PyTorch models are compiled for float32 inputs, not {input_dtype}; drop --input-dtype"
+        )
     if shape is not None and (not shape or min(shape) < 1):
         raise ModelImportError(f"input shape {shape} must be positive dimensions, e.g. 1x3x224x224")
     if isinstance(source, str | Path):
         text = str(source)
         path = Path(text)
+        if weights is not None and path.suffix.lower() in (".onnx", ".pt2"):
+            raise ModelImportError(
+                f"{path.name} holds its weights; --weights is for module:factory"
+            )
         if path.suffix.lower() == ".onnx":
             return import_onnx(path, input_shape=shape, input_dtype=input_dtype,
                                input_layout=input_layout)  # fmt: skip
@@ -105,6 +115,8 @@ def import_model(
         )
     import torch
 
+    if weights is not None:
+        raise ModelImportError("weights= is for 'module:factory' models; load them into the module")
     if isinstance(source, torch.export.ExportedProgram):
         return _import_program(source, shape, input_layout, label="ExportedProgram")
     if isinstance(source, torch.nn.Module):
@@ -182,7 +194,11 @@ def import_onnx(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            mod = from_onnx(model, shape_dict={inp.name: list(shape)}, dtype_dict={inp.name: dtype})
+            mod = from_onnx(
+                model,  # pyright: ignore[reportArgumentType] - annotated GraphProto, takes a model
+                shape_dict={inp.name: list(shape)},
+                dtype_dict={inp.name: dtype},
+            )
     except Exception as err:
         raise ModelImportError(f"TVM's Relax ONNX frontend failed on {path}: {err}") from err
     mod, _ = finish_lowering(mod, [])
@@ -372,7 +388,7 @@ def _import_pt2(path: Path, shape: tuple[int, ...] | None, layout: str | None) -
         ) from None
     imp = _import_program(program, shape, layout, label=path.stem)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return Imported(**{**imp.__dict__, "source_sha256": digest})
+    return dataclasses.replace(imp, source_sha256=digest)
 
 
 def _import_program(

@@ -12,6 +12,7 @@ write the archive: model.so, sample input/output, manifest.json (input spec, pre
 
 from __future__ import annotations
 
+import os
 import socket
 import tempfile
 import time
@@ -72,7 +73,7 @@ class ImportReport:
 def compile_model(
     model: Any,
     *,
-    out: str | Path,
+    out: str | os.PathLike[str],
     target: str | Target = "x86",
     input_shape: Sequence[int] | None = None,
     input_dtype: str | None = None,

@@ -122,6 +122,8 @@ def test_cli_compiles_an_onnx_file(onnx_file: Path, tmp_path: Path, capsys) -> N
     assert d["equality"]["reference"] == "ONNX Runtime" and d["equality"]["max_abs_err"] <= 1e-4
     assert d["peers"]["per_call_ms"]["codesign"] > 0
     assert d["latency"]["median_ms"] > 0
+    assert main(["verify", str(out)]) == 0
+    assert "tiny for x86" in capsys.readouterr().out  # the summary names the imported model
     sess = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     with codesign.load(out) as predict:
         for seed in (7, 11):
