@@ -20,6 +20,7 @@ from codesign.errors import (
     BlockSpecError,
     BuildError,
     CodesignError,
+    CompressError,
     CorruptLUTError,
     EqualityError,
     InputError,
@@ -76,6 +77,16 @@ def compile_model(model: Any, *, out: str | os.PathLike[str], **kwargs: Any) -> 
     return _compile_model(model, out=out, **kwargs)
 
 
+def compress(model: Any, *, settings: Any, progress: bool = True, **kwargs: Any) -> Any:
+    """Prune, quantize and compile your own trained CNN under a latency budget measured with
+    TVM (`codesign compress`): `settings` is a codesign.compression.compress.CompressSettings;
+    returns its frozen CompressReport (accuracy and latency after each step). Torch and TVM
+    are imported only when this is called."""
+    from codesign.compression.compress import compress as _compress
+
+    return _compress(model, settings=settings, progress=progress, **kwargs)
+
+
 __all__ = [
     "Arch",
     "ArchError",
@@ -85,6 +96,7 @@ __all__ = [
     "BlockSpecError",
     "BuildError",
     "CodesignError",
+    "CompressError",
     "CorruptLUTError",
     "EqualityError",
     "InputError",
@@ -102,6 +114,7 @@ __all__ = [
     "TargetError",
     "TuningError",
     "compile_model",
+    "compress",
     "get_space",
     "list_spaces",
     "load",

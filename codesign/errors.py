@@ -76,3 +76,8 @@ class EqualityError(ArtifactError):
 
 class RemoteError(ArtifactError):
     """No RPC session could be obtained, or running on the remote device failed."""
+
+
+class CompressError(CodesignError, ValueError):
+    """`codesign compress` cannot run as asked: a model it cannot load or prune, a dataset that
+    does not fit the model, or a budget it cannot meet."""

@@ -96,15 +96,19 @@ def layer_key(
     padding: int = 0,
     groups: int = 1,
     precision: str = "fp32",
+    variant: str = "",
 ) -> str:
     """The LUT key of one layer of a network that has no BlockSpecs (HAQ and AMC on your own
     CNN): the layer alone, float32 in and out, at `precision`, e.g.
     `layer:conv2d:1x16x8x8:o32:k3:s1:p1:g1:int8`, `layer:linear:1x64:o10:fp32`. Block keys
-    never start with `layer:`, so both kinds live in one `entries` table."""
+    never start with `layer:`, so both kinds live in one `entries` table. `variant` marks a
+    layer measured with more than itself (AMC on your own CNN: its fused epilogue and input
+    layout as it runs in the network, e.g. `add_relu-nhwc`), appended as `:variant`."""
     shape = "x".join(str(int(v)) for v in input_shape)
+    tail = f":{variant}" if variant else ""
     if op == "linear":
-        return f"layer:linear:{shape}:o{out}:{precision}"
-    return f"layer:{op}:{shape}:o{out}:k{kernel}:s{stride}:p{padding}:g{groups}:{precision}"
+        return f"layer:linear:{shape}:o{out}:{precision}{tail}"
+    return f"layer:{op}:{shape}:o{out}:k{kernel}:s{stride}:p{padding}:g{groups}:{precision}{tail}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,6 +71,7 @@ COMMANDS = (
     "pipeline",
     "search",
     "quantize",
+    "compress",
 )
 
 

@@ -41,13 +41,19 @@ from codesign.train import TrainConfig, evaluate, train
 class OwnSettings:
     amc: AMCConfig = field(default_factory=lambda: AMCConfig(episodes=30, lbound=0.25, divisor=8))
     levels: int = 8  # at most this many widths per group (bounds the layer shapes to measure)
+    # layer shapes the LUT lacks: "measure" them with TVM (stored for every later run), or
+    # "scale" the unpruned layer's measured ms by the MAC ratio (no compile: loaded machines)
+    missing: str = "measure"
     calibration_ratios: tuple[float, ...] = (0.5,)  # uniformly pruned nets fitting a, b
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=0.01))
     protocol: MeasureProtocol = field(default_factory=MeasureProtocol)
+    device: str | None = None  # fine-tuning device (default: CUDA when present)
 
     def __post_init__(self) -> None:
         if self.levels < 2:
             raise PruneError(f"levels must be >= 2, got {self.levels}")
+        if self.missing not in ("measure", "scale"):
+            raise PruneError(f"missing must be 'measure' or 'scale', got {self.missing!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,15 +99,23 @@ class OwnPruneResult:
 class OwnLatency:
     """Predicted ms of the network with given kept counts: a * layer-LUT sum + b."""
 
-    def __init__(self, graph: OwnGraph, layers: LayerLatency) -> None:
-        self.graph, self.layers = graph, layers
+    def __init__(self, graph: OwnGraph, layers: LayerLatency, missing: str = "measure") -> None:
+        self.graph, self.layers, self.missing = graph, layers, missing
         self.a, self.b = 1.0, 0.0
         self._cache: dict[tuple[int, ...], float] = {}
+
+    def layer_ms(self, name: str, spec: Any) -> float:
+        known = self.layers.lut.get(spec.key)
+        if known is not None or self.missing == "measure":
+            return known if known is not None else self.layers.layer_ms(spec)
+        base = self.graph.layers[name]
+        return self.layers.layer_ms(base) * spec.macs() / max(base.macs(), 1)
 
     def lut_sum(self, counts: dict[str, int]) -> float:
         key = tuple(counts.get(u.name, u.channels) for u in self.graph.units)
         if key not in self._cache:
-            self._cache[key] = self.layers.sum_ms(self.graph.specs(counts))
+            specs = zip(self.graph.layers, self.graph.specs(counts), strict=True)
+            self._cache[key] = float(sum(self.layer_ms(n, s) for n, s in specs))
         return self._cache[key]
 
     def __call__(self, counts: dict[str, int]) -> float:
@@ -227,10 +241,16 @@ class OwnEnv:
             reward = -(1.0 - acc / 100.0) * math.log(max(ms * 1000.0, 1.0 + 1e-9))
         return {"acc": acc, "latency_ms": ms, "reward": reward}
 
-    def uniform(self, ratio: float) -> dict[str, int]:
-        """Every group at the allowed width nearest below ratio x its channels."""
-        return {u.name: max([o for o in self.options[u.name] if o <= ratio * u.channels + 1e-9]
-                            or [self.options[u.name][0]]) for u in self.graph.units}  # fmt: skip
+
+def uniform_counts(
+    graph: OwnGraph, options: dict[str, tuple[int, ...]], ratio: float
+) -> dict[str, int]:
+    """Every group at its largest allowed width <= ratio x its channels (else its smallest)."""
+    return {
+        u.name: max([o for o in options[u.name] if o <= ratio * u.channels + 1e-9]
+                    or [options[u.name][0]])
+        for u in graph.units
+    }  # fmt: skip
 
 
 def calibrate(env_latency: OwnLatency, graph: OwnGraph, ratios: tuple[float, ...],
@@ -238,8 +258,7 @@ def calibrate(env_latency: OwnLatency, graph: OwnGraph, ratios: tuple[float, ...
     """Measure the unpruned and uniformly pruned networks whole; fit a, b; return the points."""
     points = []
     for r in (1.0, *ratios):
-        counts = {u.name: max([o for o in options[u.name] if o <= r * u.channels + 1e-9]
-                              or [options[u.name][0]]) for u in graph.units}  # fmt: skip
+        counts = uniform_counts(graph, options, r)
         net = graph.model if r >= 1.0 else graph.prune(counts)
         measured = env_latency.layers.network_ms(net, graph.input_shape)
         points.append((env_latency.lut_sum(counts), measured))
@@ -273,7 +292,7 @@ def prune_own(
     graph = OwnGraph.build(model, (1, *data.info.input_shape))
     say(f"{len(graph.units)} channel groups, {len(graph.layers)} layers")
     layers = LayerLatency(db, target, settings.protocol)
-    latency = OwnLatency(graph, layers)
+    latency = OwnLatency(graph, layers, settings.missing)
     options = unit_options(graph, settings.amc, settings.levels)
     points = calibrate(latency, graph, settings.calibration_ratios, options)
     say(f"whole networks (lut ms, measured ms): {points}; a={latency.a:.3f} b={latency.b:.3f}")
@@ -281,7 +300,7 @@ def prune_own(
     env = OwnEnv(graph, data, latency, budget_ms, settings.amc, settings.levels)
     search_dir = Path(out) / "search" if out is not None else None
     result = run_search(env, settings.amc, out=search_dir,
-                        latency_id=f"{target.key}|a={latency.a:.6g}|b={latency.b:.6g}",
+                        latency_id=f"{target.key}|{settings.missing}|a={latency.a:.6g}|b={latency.b:.6g}",
                         progress=progress)  # fmt: skip
     best = OwnPolicy(tuple((n, int(k)) for n, k in
                            (kv.split("=") for kv in result.best["policy"].split(","))))  # fmt: skip
@@ -289,7 +308,15 @@ def prune_own(
     acc_before = evaluate(pruned, data)
     ft = settings.finetune
     ckpt = Path(out) / "finetune.pt" if out is not None else None
-    train(pruned, data, ft, checkpoint=ckpt, progress=progress, desc="fine-tune")
+    train(
+        pruned,
+        data,
+        ft,
+        checkpoint=ckpt,
+        progress=progress,
+        desc="fine-tune",
+        device=settings.device,
+    )
     pruned_acc = evaluate(pruned, data)
     built = compile_own(pruned, graph.input_shape, target)
     m = run_steady(LocalRunner(), built, settings.protocol)

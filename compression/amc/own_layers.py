@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from codesign.compression.amc.policy import PruneError
-from codesign.lut import LAYER_PREFIX, LatencyTable
+from codesign.lut import LAYER_PREFIX, LatencyTable, layer_key
 from codesign.measurement import MeasureProtocol
 from codesign.targets import Target
 
@@ -57,13 +57,17 @@ class LayerSpec:
 
     @property
     def key(self) -> str:
+        """`lut.layer_key` with this layer's epilogue and input layout as the variant."""
         if self.op == "linear":
-            return f"{LAYER_PREFIX}linear_i{self.cin}_o{self.cout}_{self.epilogue or 'none'}"
-        k, s, p = (f"{a}x{b}" for a, b in (self.kernel, self.stride, self.padding))
-        return (
-            f"{LAYER_PREFIX}conv_i{self.cin}_o{self.cout}_k{k}_s{s}_p{p}_g{self.groups}_"
-            f"h{self.h}x{self.w}_{self.epilogue or 'none'}_{'nhwc' if self.nhwc_in else 'nchw'}"
-        )
+            return layer_key("linear", self.input_shape, out=self.cout,
+                             variant=self.epilogue or "none")  # fmt: skip
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
+        square = kh == kw and sh == sw and ph == pw
+        variant = f"{self.epilogue or 'none'}-{'nhwc' if self.nhwc_in else 'nchw'}"
+        if not square:
+            variant += f"-k{kh}x{kw}s{sh}x{sw}p{ph}x{pw}"
+        return layer_key("conv2d", self.input_shape, out=self.cout, kernel=kh, stride=sh,
+                         padding=ph, groups=self.groups, variant=variant)  # fmt: skip
 
     @property
     def input_shape(self) -> tuple[int, ...]:

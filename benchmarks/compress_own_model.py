@@ -1,0 +1,249 @@
+"""AMC pruning of standard CNNs (MobileNetV2, ResNet-18) against TVM-measured latency.
+
+    python benchmarks/compress_own_model.py [--arch mobilenet_v2 resnet18] [--episodes 6]
+
+Per architecture (codesign.zoo, 3x64x64 inputs, mnist5k upscaled; a training subset so that
+the whole run fits a loaded 2-core machine: few epochs, few episodes, recorded in the JSON):
+train the original (cached), then AMC (compression/amc/own.py: torch-pruning groups, DDPG,
+layer LUT measured on demand with TVM, whole-network calibration) at a budget of 0.6x the
+original's measured latency, fine-tune, compile and measure. The baseline is Torch-Pruning's
+magnitude pruner at one uniform ratio, chosen so that its latency matches ours (interpolated
+between the measured unpruned and uniformly-halved networks), fine-tuned the same way and
+measured the same way. The original also runs in ONNX Runtime and OpenVINO (codesign.peers).
+HAQ for any CNN (compression/haq/own.py) is applied after AMC when it exists.
+Writes benchmarks/results/compress_own_model.json; intermediate state in out/bench/compress_own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine, write_result  # noqa: E402
+
+WORK = Path("out/bench/compress_own")
+
+
+def subset(data, n_train: int, n_val: int):  # type: ignore[no-untyped-def]
+    from codesign.data import Dataset
+
+    info = replace(data.info, n_train=min(n_train, data.info.n_train),
+                   n_val=min(n_val, data.info.n_val))  # fmt: skip
+    return Dataset(info, data.x_train[:n_train], data.y_train[:n_train], data.x_val[:n_val],
+                   data.y_val[:n_val])  # fmt: skip
+
+
+def tp_uniform(model, graph, kept: float):  # type: ignore[no-untyped-def]
+    """Torch-Pruning's magnitude pruner, one ratio for every group (the classifier kept)."""
+    import copy
+
+    import torch
+    import torch_pruning as tp
+
+    net = copy.deepcopy(model).eval()
+    head = dict(net.named_modules())[graph.head]
+    pruner = tp.pruner.MagnitudePruner(
+        net, torch.zeros(graph.input_shape), importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=max(0.0, 1.0 - kept), ignored_layers=[head], round_to=8,
+    )  # fmt: skip
+    pruner.step()
+    return net
+
+
+def run_arch(name: str, args: argparse.Namespace, data, target) -> dict:  # type: ignore[no-untyped-def]
+    import torch
+
+    from codesign import zoo
+    from codesign.compression.amc.env import AMCConfig
+    from codesign.compression.amc.own import OwnSettings, prune_own, uniform_counts, unit_options
+    from codesign.compression.amc.own_layers import LayerLatency, OwnGraph, compile_own
+    from codesign.compression.amc.surgery import recalibrate_bn
+    from codesign.compression.ddpg import DDPGConfig
+    from codesign.measurement import MeasureProtocol
+    from codesign.peers import time_peers
+    from codesign.train import TrainConfig, evaluate, train
+    from codesign.tvm_backend.runner import LocalRunner, run_steady
+
+    t0 = time.time()
+    work = Path(args.work) / name
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = getattr(zoo, name)(num_classes=len(data.info.classes))
+    base = work / "base.pt"
+    if base.exists():
+        model.load_state_dict(torch.load(base, weights_only=True))
+    else:
+        cfg = TrainConfig(epochs=args.train_epochs, lr=0.05 if name == "resnet18" else 0.1)
+        train(model, data, cfg, checkpoint=work / "train.ckpt", desc=f"train {name}")
+        torch.save(model.state_dict(), base)
+    model.eval()
+    original_acc = evaluate(model, data)
+    print(f"[{name}] original accuracy {original_acc:.2f}%", flush=True)
+    protocol = MeasureProtocol()
+    layers = LayerLatency(args.db, target, protocol)
+    graph = OwnGraph.build(model, (1, *data.info.input_shape))
+    original_ms = layers.network_ms(model, graph.input_shape)
+    budget = args.budget * original_ms
+    print(f"[{name}] original {original_ms:.3f} ms (TVM); budget {budget:.3f} ms", flush=True)
+    ft = TrainConfig(epochs=args.finetune_epochs, lr=0.01)
+    settings = OwnSettings(
+        amc=AMCConfig(episodes=args.episodes, lbound=0.25, divisor=8, reward_images=500,
+                      calib_images=128, ddpg=DDPGConfig(warmup_episodes=args.warmup)),
+        levels=args.levels, calibration_ratios=(0.5,), finetune=ft, protocol=protocol,
+        missing=args.missing,
+    )  # fmt: skip
+    res = prune_own(model, data, budget_ms=budget, target=target, db=args.db, settings=settings,
+                    out=work / "amc", log=lambda m: print(f"[{name}] {m}", flush=True))  # fmt: skip
+    print(f"[{name}] AMC {res.pruned_ms:.3f} ms, {res.pruned_acc:.2f}%", flush=True)
+    out_ms, out_acc, quant = res.pruned_ms, res.pruned_acc, None
+    try:
+        from codesign.compression.compress import quantize_step
+
+        quant = quantize_step(res.model, data, target=target, db=args.db, budget_ms=budget,
+                              out=work / "haq", progress=True)  # fmt: skip
+    except ImportError:
+        quant = None
+    if quant is not None and quant.get("latency_ms") is not None:
+        out_ms, out_acc = quant["latency_ms"], quant["accuracy"]
+
+    # Torch-Pruning at one uniform ratio, at the same latency: interpolate the kept ratio
+    # between the measured unpruned (1.0) and uniformly halved (0.5) networks.
+    options = unit_options(graph, settings.amc, settings.levels)
+    half = graph.prune(uniform_counts(graph, options, 0.5))  # calibration's network
+    half_ms = layers.network_ms(half, graph.input_shape)
+    kept = 0.5 + 0.5 * (res.pruned_ms - half_ms) / max(original_ms - half_ms, 1e-9)
+    kept = min(max(kept, 0.25), 1.0)
+    tp_net = tp_uniform(model, graph, kept)
+    recalibrate_bn(tp_net, data.calibration(128, seed=0))
+    train(tp_net, data, ft, checkpoint=work / "tp_finetune.pt", desc="fine-tune tp")
+    tp_acc = evaluate(tp_net, data)
+    m = run_steady(LocalRunner(), compile_own(tp_net, graph.input_shape, target), protocol)
+    tp_ms = m.median_ms
+    print(f"[{name}] torch-pruning kept {kept:.3f}: {tp_ms:.3f} ms, {tp_acc:.2f}%", flush=True)
+
+    peers = time_peers(model, graph.input_shape, target.threads, work)
+    best_peer = min((v for k, v in peers.items() if k != "missing"), default=float("nan"))
+    return {
+        "original_ms": round(original_ms, 4),
+        "original_acc": round(original_acc, 2),
+        "budget_ms": round(budget, 4),
+        "amc_ms": round(res.pruned_ms, 4),
+        "amc_acc": round(res.pruned_acc, 2),
+        "amc_acc_before_finetune": round(res.pruned_acc_before_finetune, 2),
+        "amc_predicted_ms": round(res.predicted_ms, 4),
+        "quantize": quant or {"skipped": "compression/haq/own.py (quantize_own) not present"},
+        "compressed_ms": round(out_ms, 4),
+        "compressed_acc": round(out_acc, 2),
+        "speedup": round(original_ms / out_ms, 3),
+        "acc_drop": round(original_acc - out_acc, 2),
+        "torch_pruning_kept_ratio": round(kept, 3),
+        "torch_pruning_ms": round(tp_ms, 4),
+        "torch_pruning_acc_at_same_ms": round(tp_acc, 2),
+        "ort_original_ms": peers.get("onnxruntime"),
+        "openvino_original_ms": peers.get("openvino"),
+        "peers_missing": peers["missing"],
+        "speedup_vs_best_peer": round(best_peer / out_ms, 3),
+        "policy": res.policy.encode(),
+        "calibration_a_b": [round(v, 4) for v in res.calibration],
+        "layers_measured": res.layers_measured,
+        "episodes": res.episodes,
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+def main() -> int:
+    import torch
+
+    from codesign.data import load_dataset
+    from codesign.targets import parse_target
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", nargs="+", default=["mobilenet_v2", "resnet18"])
+    ap.add_argument("--size", type=int, default=64, help="input height and width")
+    ap.add_argument("--train-images", type=int, default=2000)
+    ap.add_argument("--val-images", type=int, default=1000)
+    ap.add_argument("--train-epochs", type=int, default=3)
+    ap.add_argument("--finetune-epochs", type=int, default=1)
+    ap.add_argument("--episodes", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--levels", type=int, default=4)
+    ap.add_argument(
+        "--missing",
+        choices=("measure", "scale"),
+        default="scale",
+        help="new layer shapes during the search: measured, or MAC-scaled",
+    )
+    ap.add_argument(
+        "--merge",
+        nargs="*",
+        default=None,
+        help="only merge these result files (one per architecture) into --result",
+    )
+    ap.add_argument("--budget", type=float, default=0.6, help="fraction of the original's ms")
+    ap.add_argument("--work", default=str(WORK), help="cached models, checkpoints, the LUT")
+    ap.add_argument("--db", default=None, help="layer LUT (default: WORK/lut.sqlite)")
+    ap.add_argument("--result", default="compress_own_model", help="result file name")
+    args = ap.parse_args()
+    args.db = args.db or str(Path(args.work) / "lut.sqlite")
+    torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
+    if args.merge is not None:
+        return merge(args)
+    host = machine()
+    target = parse_target("x86")
+    data = subset(load_dataset("mnist5k", (3, args.size, args.size)), args.train_images,
+                  args.val_images)  # fmt: skip
+    results = {}
+    for name in args.arch:
+        results[name] = run_arch(name, args, data, target)
+        write_result(args.result, _doc(results, args, host, target))
+    return 0
+
+
+def merge(args: argparse.Namespace) -> int:
+    """Join per-architecture result files (runs started side by side) into one."""
+    import json
+
+    from common import RESULTS
+
+    docs = [json.loads((RESULTS / f"{n}.json").read_text()) for n in args.merge]
+    doc = dict(docs[0])
+    for key in ("results", "goals_met"):
+        doc[key] = {k: v for d in docs for k, v in d[key].items()}
+    doc["runs"] = {n: {"settings": d["settings"], "machine": d["machine"]}
+                   for n, d in zip(args.merge, docs, strict=True)}  # fmt: skip
+    write_result(args.result, doc)
+    return 0
+
+
+def _doc(results: dict, args: argparse.Namespace, host: dict, target) -> dict:  # type: ignore[no-untyped-def]
+    goals = {
+        name: {
+            "speedup>=1.5": r["speedup"] >= 1.5,
+            "acc_drop<=0.5": r["acc_drop"] <= 0.5,
+            "beats_torch_pruning": r["compressed_acc"] > r["torch_pruning_acc_at_same_ms"],
+            "vs_best_peer>=1.5": r["speedup_vs_best_peer"] >= 1.5,
+        }
+        for name, r in results.items()
+    }
+    return {
+        "results": results,
+        "goals_met": goals,
+        "target": target.key,
+        "budget": (
+            f"reduced for a shared, loaded 2-core host: {args.train_images} training images, "
+            f"{args.train_epochs} training epochs, {args.finetune_epochs} fine-tuning epoch(s), "
+            f"{args.episodes} DDPG episodes ({args.warmup} random), {args.levels} widths per "
+            "group; a full run would use 300 episodes and several fine-tuning epochs"
+        ),
+        "settings": vars(args),
+        "machine": host,
+    }
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
