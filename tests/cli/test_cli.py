@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import CliResult, run_cli
 
-CLI = [sys.executable, "-m", "codesign.cli.main"]
 
-
-def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+def run(*args: str) -> CliResult:
+    return run_cli(*args)
 
 
 def test_help_lists_commands() -> None:
