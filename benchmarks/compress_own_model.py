@@ -103,11 +103,23 @@ def run_arch(name: str, args: argparse.Namespace, data, target) -> dict:  # type
     out_ms, out_acc, quant = res.pruned_ms, res.pruned_acc, None
     try:
         from codesign.compression.compress import quantize_step
+        from codesign.compression.haq.own import OwnHAQSettings
+        from codesign.compression.quant.qat import QATConfig
 
-        quant = quantize_step(res.model, data, target=target, db=args.db, budget_ms=budget,
-                              out=work / "haq", progress=True)  # fmt: skip
+        haq = OwnHAQSettings(
+            episodes=args.haq_episodes,
+            val_images=500,
+            search_qat=QATConfig(images=256),
+            final_qat=QATConfig(images=args.train_images, epochs=1),
+            ddpg=DDPGConfig(warmup_episodes=max(1, args.haq_episodes // 2)),
+        )
+        # budget None: at most uniform 8-bit's cost (the pruned network already fits ours)
+        quant = quantize_step(res.model, data, target=target, db=args.db, budget_ms=None,
+                              out=work / "haq", progress=True, haq=haq)  # fmt: skip
     except ImportError:
         quant = None
+    except Exception as err:  # noqa: BLE001 - report, keep the pruned result
+        quant = {"failed": f"{type(err).__name__}: {err}"[:300]}
     if quant is not None and quant.get("latency_ms") is not None:
         out_ms, out_acc = quant["latency_ms"], quant["accuracy"]
 
@@ -172,6 +184,7 @@ def main() -> int:
     ap.add_argument("--episodes", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--levels", type=int, default=4)
+    ap.add_argument("--haq-episodes", type=int, default=4)
     ap.add_argument(
         "--missing",
         choices=("measure", "scale"),

@@ -134,18 +134,21 @@ def load_user_model(
 
 def quantize_step(
     model: Any, data: Any, *, target: Any, db: str | Path, budget_ms: float | None,
-    out: str | Path, progress: bool = True,
+    out: str | Path, progress: bool = True, haq: Any = None,
 ) -> dict[str, Any] | None:  # fmt: skip
-    """HAQ for any CNN on the pruned `model`, or None when it is not installed."""
+    """HAQ for any CNN on the pruned `model` (`haq`: its OwnHAQSettings), or None when it is
+    not installed. The search checkpoint goes to `out`."""
     try:
         from codesign.compression.haq.own import OwnHAQSettings, quantize_own
     except ImportError:
         return None
+    from dataclasses import replace
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    haq = replace(haq or OwnHAQSettings(), checkpoint=str(out / "haq_search.pt"))
     res = quantize_own(model, input_shape=(1, *data.info.input_shape), data=data, target=target,
-                       lut_path=db, budget_ms=budget_ms,
-                       settings=OwnHAQSettings(checkpoint=str(out / "haq_search.pt")),
+                       lut_path=db, budget_ms=budget_ms, settings=haq,
                        progress=progress)  # fmt: skip
     res.built.export(out / "model.so")
     return {"accuracy": res.accuracy, "latency_ms": res.latency_ms, "library": str(out / "model.so"),
@@ -203,10 +206,14 @@ def compress(
     if not s.quantize:
         skipped = "not asked for (--no-quantize)"
     else:
-        quant = quantize_step(res.model, data, target=target, db=db, budget_ms=None,
-                              out=out / "quantize", progress=progress)  # fmt: skip
-        if quant is None:
-            skipped = "HAQ for any CNN (codesign.compression.haq.own) is not installed"
+        try:
+            quant = quantize_step(res.model, data, target=target, db=db, budget_ms=None,
+                                  out=out / "quantize", progress=progress)  # fmt: skip
+        except Exception as err:  # noqa: BLE001 - the pruned fp32 network still ships
+            skipped = f"HAQ failed ({type(err).__name__}: {err})"[:300]
+        else:
+            if quant is None:
+                skipped = "HAQ for any CNN (codesign.compression.haq.own) is not installed"
     if quant is not None:
         steps.append(
             CompressStep(
