@@ -42,14 +42,14 @@ def add_rpc_timeout(p: argparse.ArgumentParser, default: float | None = 60.0) ->
     """The one `--rpc-timeout` option of every command that talks to RPC servers: the seconds
     each RPC phase may take (getting a server, connecting, uploading, running, timing), so a
     frozen or unreachable server ends in an error, never a hang."""
-    what = f"default {default:g}" if default is not None else "default: the farm's timeouts"
+    unset = "" if default is not None else " (default: the farm's timeouts)"
     p.add_argument(
         "--rpc-timeout",
         type=positive_float,
         default=default,
         metavar="SECONDS",
         help="seconds each RPC phase may take: getting a server, connecting, uploading, "
-        f"running, timing ({what}); a frozen server ends in an error, not a hang",
+        f"running, timing; a frozen server ends in an error, not a hang{unset}",
     )
 
 
