@@ -31,7 +31,7 @@ class CompressSettings:
     dataset: str  # mnist5k, digits, an image folder or a CIFAR-10 batch directory
     out: str
     target: str = "x86"
-    input_shape: tuple[int, int, int] | None = None  # C, H, W (default: a .pt2's own)
+    input_shape: tuple[int, int, int] | None = None  # C, H, W (required)
     weights: str | None = None  # state_dict for a 'module:factory' model
     db: str | None = None  # the LUT file (default: OUT/lut.sqlite)
     episodes: int = 30
@@ -102,30 +102,27 @@ class CompressReport:
 def load_user_model(
     model: Any, *, weights: str | None, input_shape: Sequence[int] | None
 ) -> tuple[Any, tuple[int, int, int]]:
-    """(nn.Module, (C, H, W)) from an nn.Module, a .pt2 file or 'module:factory' (+ weights)."""
+    """(nn.Module, (C, H, W)) from an nn.Module or 'module:factory' (+ weights)."""
     import torch
 
     shape = tuple(int(v) for v in input_shape) if input_shape else None
     if isinstance(model, torch.nn.Module):
         module = model
     elif str(model).endswith(".pt2"):
-        try:
-            program = torch.export.load(str(model))
-        except Exception as err:  # noqa: BLE001 - any load failure is the user's file
-            raise CompressError(f"cannot load {model} as a torch.export program: {err}") from err
-        if shape is None:
-            user = [n for n in program.graph.nodes if n.op == "placeholder"
-                    and n.name in program.graph_signature.user_inputs]  # fmt: skip
-            shape = tuple(int(v) for v in user[0].meta["val"].shape[1:]) if user else None
-        module = program.module()
+        # an ExportedProgram's module() refuses train()/eval(): it cannot be fine-tuned
+        raise CompressError(
+            f"{model}: a .pt2 ExportedProgram cannot be pruned and fine-tuned (torch.export "
+            "modules refuse train()); give the model as 'importable.module:factory' with "
+            "--weights state_dict.pt. `codesign compile` takes .pt2 files as they are"
+        )
     elif ":" in str(model):
         from codesign.tvm_backend.frontend import load_factory
 
         module = load_factory(str(model), weights)
     else:
         raise CompressError(
-            f"{model}: give 'importable.module:factory' (with --weights state_dict.pt) or a .pt2 "
-            "file (torch.export.save); ONNX models cannot be pruned channel-wise here"
+            f"{model}: give 'importable.module:factory' (with --weights state_dict.pt) or a "
+            "torch.nn.Module; ONNX and .pt2 models cannot be pruned and fine-tuned here"
         )
     if shape is None or len(shape) != 3:
         raise CompressError(f"give the input shape as C,H,W (--input-shape 3x64x64), got {shape}")

@@ -34,14 +34,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="'importable.module:factory' (with --weights) or a .pt2 ExportedProgram",
+        help="'importable.module:factory' (with --weights state_dict.pt)",
     )
     p.add_argument("--weights", default=None, help="state_dict (.pt) for a module:factory model")
     p.add_argument(
         "--input-shape",
         type=_chw,
-        default=None,
-        help="CxHxW, e.g. 3x64x64 (default: a .pt2 file's own)",
+        required=True,
+        help="CxHxW, e.g. 3x64x64",
     )
     p.add_argument(
         "--latency-ms",

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -96,3 +97,68 @@ def test_layer_lut_is_reused(tmp_path, x86, quick) -> None:
     with LatencyTable(db) as table:
         assert set(table.latencies(x86.key, "untuned", kind="layer")) == {s.key for s in specs}
         assert table.latencies(x86.key, "untuned") == {}  # block lookups never see layers
+
+
+def test_compress_refuses_what_it_cannot_prune_before_any_work(tmp_path) -> None:
+    import pytest
+
+    from codesign.compression.compress import CompressSettings, compress
+    from codesign.errors import CompressError
+
+    settings = CompressSettings(latency_ms=1.0, dataset="digits", out=str(tmp_path / "o"),
+                                input_shape=(3, 16, 16), episodes=1)  # fmt: skip
+    with pytest.raises(CompressError, match="3 outputs but digits has 10 classes"):
+        compress(Tiny(classes=3), settings=settings, progress=False)
+    with pytest.raises(CompressError, match="cannot be pruned and fine-tuned"):
+        compress(str(tmp_path / "model.pt2"), settings=settings, progress=False)
+    with pytest.raises(CompressError, match="module:factory"):
+        compress("model.onnx", settings=settings, progress=False)
+    with pytest.raises(CompressError, match="positive"):
+        CompressSettings(latency_ms=0.0, dataset="digits", out="o")
+    assert not (tmp_path / "o" / "lut.sqlite").exists()  # nothing measured, nothing written
+
+
+FACTORY = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_own_model import Tiny
+
+
+def make():
+    return Tiny()
+"""
+
+
+@pytest.mark.slow
+def test_compress_cli_end_to_end(tmp_path, monkeypatch, capsys) -> None:
+    import json
+    import sys
+    from pathlib import Path
+
+    from codesign.cli.main import main
+    from codesign.data import load_dataset
+    from codesign.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    net = Tiny()
+    data = load_dataset("digits", (3, 16, 16))
+    train(net, data, TrainConfig(epochs=2, lr=0.1), progress=False)
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    (tmp_path / "tinyfactory.py").write_text(FACTORY.format(tests=str(Path(__file__).parent)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    args = ["compress", "--model", "tinyfactory:make", "--weights", str(tmp_path / "w.pt"),
+            "--input-shape", "3x16x16", "--dataset", "digits", "--target", "x86",
+            "--latency-ms", "1000", "--out", str(out), "--episodes", "2", "--warmup", "1",
+            "--levels", "2", "--reward-images", "200", "--finetune-epochs", "1",
+            "--no-quantize", "--repeat", "3", "--min-repeat-ms", "5", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    rep = json.loads((out / "compress.json").read_text())
+    steps = {s["name"]: s for s in rep["steps"]}
+    assert list(steps) == ["original", "prune", "quantize", "compile"]
+    assert steps["original"]["latency_ms"] > 0 and steps["prune"]["latency_ms"] > 0
+    assert steps["prune"]["accuracy"] > 30.0  # 10 classes: well above chance after fine-tuning
+    assert steps["quantize"]["latency_ms"] is None and "skipped" in steps["quantize"]["note"]
+    assert (out / "model.tar").is_file() and "| prune |" in (out / "compress.md").read_text()
+    assert "compile" in capsys.readouterr().out
+    del sys.modules["tinyfactory"]
