@@ -100,8 +100,11 @@ def run_arch(name: str, args: argparse.Namespace, data, target) -> dict:  # type
     res = prune_own(model, data, budget_ms=budget, target=target, db=args.db, settings=settings,
                     out=work / "amc", log=lambda m: print(f"[{name}] {m}", flush=True))  # fmt: skip
     print(f"[{name}] AMC {res.pruned_ms:.3f} ms, {res.pruned_acc:.2f}%", flush=True)
-    out_ms, out_acc, quant = res.pruned_ms, res.pruned_acc, None
+    out_ms, out_acc = res.pruned_ms, res.pruned_acc
+    quant: dict = {"skipped": "HAQ for any CNN (compression/haq/own.py) is not installed"}
     try:
+        if args.haq_episodes < 1:
+            raise ImportError("--haq-episodes 0")
         from codesign.compression.compress import quantize_step
         from codesign.compression.haq.own import OwnHAQSettings
         from codesign.compression.quant.qat import QATConfig
@@ -115,12 +118,12 @@ def run_arch(name: str, args: argparse.Namespace, data, target) -> dict:  # type
         )
         # budget None: at most uniform 8-bit's cost (the pruned network already fits ours)
         quant = quantize_step(res.model, data, target=target, db=args.db, budget_ms=None,
-                              out=work / "haq", progress=True, haq=haq)  # fmt: skip
-    except ImportError:
-        quant = None
+                              out=work / "haq", progress=True, haq=haq) or quant  # fmt: skip
+    except ImportError as err:
+        quant = {"skipped": f"HAQ not run: {err}"}
     except Exception as err:  # noqa: BLE001 - report, keep the pruned result
         quant = {"failed": f"{type(err).__name__}: {err}"[:300]}
-    if quant is not None and quant.get("latency_ms") is not None:
+    if quant.get("latency_ms") is not None:
         out_ms, out_acc = quant["latency_ms"], quant["accuracy"]
 
     # Torch-Pruning at one uniform ratio, at the same latency: interpolate the kept ratio
@@ -148,7 +151,7 @@ def run_arch(name: str, args: argparse.Namespace, data, target) -> dict:  # type
         "amc_acc": round(res.pruned_acc, 2),
         "amc_acc_before_finetune": round(res.pruned_acc_before_finetune, 2),
         "amc_predicted_ms": round(res.predicted_ms, 4),
-        "quantize": quant or {"skipped": "compression/haq/own.py (quantize_own) not present"},
+        "quantize": quant,
         "compressed_ms": round(out_ms, 4),
         "compressed_acc": round(out_acc, 2),
         "speedup": round(original_ms / out_ms, 3),
@@ -184,7 +187,7 @@ def main() -> int:
     ap.add_argument("--episodes", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--levels", type=int, default=4)
-    ap.add_argument("--haq-episodes", type=int, default=4)
+    ap.add_argument("--haq-episodes", type=int, default=4, help="0: no HAQ step")
     ap.add_argument(
         "--missing",
         choices=("measure", "scale"),
