@@ -133,14 +133,14 @@ def layer_lut(
     from codesign.lut import LatencyTable
     from codesign.lut_build import _progress, provenance_for
     from codesign.tvm_backend.build import compile_module
-    from codesign.tvm_backend.runner import LocalRunner, run_steady
+    from codesign.tvm_backend.runner import Where, run_steady
 
     prov = provenance_for(target, tuned=False, tuning_digest="", protocol=protocol)
     wanted = [[p for p in menu.precisions if p != "int8" or ly.int8_ok] for ly in graph.layers]
     params: dict[str, list[Any]] = {}
     out: list[dict[str, float]] = [{} for _ in graph.layers]
     counts = {"measured": 0, "reused": 0}
-    runner = LocalRunner(seed=seed)
+    runner = Where.local().runner(seed=seed)
     total = sum(len(w) for w in wanted)
     with LatencyTable(lut_path) as table, _progress(total, "layer lut", progress, "entry") as bar:
         for i, ly in enumerate(graph.layers):
@@ -187,7 +187,7 @@ def float_network_ms(
     networks table (key `graph:<digest of its FX code and layers>`) and reused after."""
     from codesign.lut import LatencyTable
     from codesign.lut_build import provenance_for
-    from codesign.tvm_backend.runner import LocalRunner, run_steady
+    from codesign.tvm_backend.runner import Where, run_steady
 
     blob = graph.module.code + "|".join(ly.lut_key("fp32") for ly in graph.layers)
     key = "graph:" + hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -199,7 +199,7 @@ def float_network_ms(
                 counts["reused"] += 1
             return old.median_ms
         built = _compile(fnet, graph, ["fp32"] * len(graph.layers), menu, target)
-        m = run_steady(LocalRunner(seed=seed), built, protocol)
+        m = run_steady(Where.local().runner(seed=seed), built, protocol)
         table.put_network(target.key, key, "untuned", m, prov)
     if not m.ok:
         raise CodesignError(f"measuring the float network failed: {m.error}")

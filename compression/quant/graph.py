@@ -48,7 +48,7 @@ class GraphLayer:
     h: int
     w: int
     int8_ok: bool
-    geometry: str = ""  # non-square kernel/stride/padding or dilation: "k1x7,s1x1,p0x3,d1x1"
+    geometry: str = ""  # non-square kernel/stride/padding or dilation: "k1x7s1x1p0x3d1x1"
 
     # the attributes the HAQ state embedding and the integer lowering read from a QLayer
     @property
@@ -90,7 +90,7 @@ class GraphLayer:
         if self.linear:
             return layer_key("linear", self.input_shape, out=self.cout, precision=precision)
         return layer_key(
-            f"conv2d[{self.geometry}]" if self.geometry else "conv2d",
+            "conv2d",
             self.input_shape,
             out=self.cout,
             kernel=self.kernel,
@@ -98,6 +98,7 @@ class GraphLayer:
             padding=self.padding,
             groups=self.groups,
             precision=precision,
+            variant=self.geometry,
         )
 
 
@@ -131,7 +132,7 @@ def _layer(index: int, path: str, m: nn.Module, shape: Sequence[int]) -> GraphLa
     pad = m.padding
     dh, dw = m.dilation
     square = kh == kw and sh == sw and pad[0] == pad[1] and dh == dw == 1
-    geometry = "" if square else f"k{kh}x{kw},s{sh}x{sw},p{pad[0]}x{pad[1]},d{dh}x{dw}"
+    geometry = "" if square else f"k{kh}x{kw}s{sh}x{sw}p{pad[0]}x{pad[1]}d{dh}x{dw}"
     dense = m.groups == 1
     depthwise = m.groups == m.in_channels == m.out_channels
     ok = square and pad[0] == kh // 2 and (dense or depthwise) and shape[0] == 1
