@@ -30,7 +30,10 @@ class SearchCheckpointError(CodesignError):
 
 
 @dataclass
-class SearchResult:
+class HAQEpisodes:
+    """What a HAQ search's episodes gave: the best episode, the history, where it resumed (not
+    an architecture search's `codesign.search.run.SearchResult`)."""
+
     best: EpisodeResult
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int = 0
@@ -58,7 +61,7 @@ def haq_search(
     checkpoint: str | Path | None = None,
     progress: bool = True,
     fingerprint_of: str | None = None,
-) -> SearchResult:
+) -> HAQEpisodes:
     """`episodes` DDPG episodes over `env` (resumed from `checkpoint`; see module docstring).
     `fingerprint_of` replaces the fingerprint of a block network's env (`fingerprint`)."""
     from codesign.compression.episodes import Checkpoint, Episode, run_episodes
@@ -97,4 +100,4 @@ def haq_search(
     b = res.best
     policy = QuantPolicy.decode(b["policy"])
     best = EpisodeResult(policy, env.policy_actions(policy), b["cost"], b["accuracy"], b["reward"])
-    return SearchResult(best, res.history, res.resumed_from)
+    return HAQEpisodes(best, res.history, res.resumed_from)
