@@ -19,7 +19,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--config", default=None, help="farm.toml (default: built-in defaults)")
         p.add_argument("--state-dir", default=None, help="PIDs, logs and events of the farm")
 
-    p = fsub.add_parser("up", help="start the tracker, the servers and their supervisor")
+    p = fsub.add_parser(
+        "up",
+        help="start the tracker, the servers and their supervisor (no --config: tracker "
+        "127.0.0.1:9190 and one server of key 'local' on port 9100 running this machine's "
+        "artifacts with its CPUs as threads)",
+    )
     common(p)
     p.set_defaults(func=_up)
     p = fsub.add_parser("status", help="keys, free/pending, per-server health, recent failures")
@@ -119,14 +124,18 @@ def _print_status(state_dir: Path, tracker: str | None, n_events: int, as_json: 
         for k in keys:
             print(f"  {k.key:<{w}}  {k.total:>5}  {k.free:>4}  {k.pending:>7}")
     if state and not tracker:
-        print(f"  {'server':<12} {'key':<8} {'port':>6} {'pid':>8} {'health':<13} restarts")
+        print(
+            f"  {'server':<12} {'key':<8} {'port':>6} {'pid':>8} {'health':<13} {'probe':>8} "
+            "restarts"
+        )
         for s in state["servers"]:
             proc = Proc.from_dict(s.get("proc"))
             pid = proc.pid if proc and proc.alive else "-"
             emu = " (emulated)" if s.get("emulated") else ""
+            probe = f"{s['probe_ms']:.0f} ms" if s.get("probe_ms") else "-"
             print(
                 f"  {s['name']:<12} {s['key']:<8} {s['port']:>6} {pid!s:>8} "
-                f"{s['health']:<13} {s['restarts']}{emu}"
+                f"{s['health']:<13} {probe:>8} {s['restarts']}{emu}"
             )
     if events:
         print("recent events:")

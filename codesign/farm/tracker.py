@@ -161,11 +161,18 @@ class TrackerClient:
 
     def check_key(self, key: str) -> KeyStatus:
         """Fail fast when no server of `key` is registered (TVM would wait forever)."""
-        status = self.summary().status(key)
+        summary = self.summary()
+        status = summary.status(key)
         if status.total == 0:
+            if key in summary.key_names():  # it had servers: one is restarting or gone
+                raise NoServerError(
+                    f"no RPC server with key {key!r} is registered on tracker {self.addr} right "
+                    "now (its server may be restarting after a failed health check); see "
+                    "`codesign farm status`, and retry"
+                )
             raise NoServerError(
                 f"no RPC server with key {key!r} is registered on tracker {self.addr} "
-                f"(keys there: {', '.join(self.summary().key_names()) or 'none'}); start one with "
+                f"(keys there: {', '.join(summary.key_names()) or 'none'}); start one with "
                 f"`codesign farm up` (or `codesign farm arm-emulator up --key {key}`)"
             )
         return status
