@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +28,12 @@ class CliResult:
 
 
 @contextlib.contextmanager
-def _environment(env: Mapping[str, str | None]) -> Iterator[None]:
-    before = {k: os.environ.get(k) for k in env}
+def _isolated(env: Mapping[str, str | None]) -> Iterator[None]:
+    """Apply `env` for the call; afterwards the environment and torch's thread count are as
+    before (a command's `--torch-threads 1` must not slow down the tests after it)."""
+    before = dict(os.environ)
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
     try:
         for k, v in env.items():
             if v is None:
@@ -36,11 +42,11 @@ def _environment(env: Mapping[str, str | None]) -> Iterator[None]:
                 os.environ[k] = v
         yield
     finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        os.environ.clear()
+        os.environ.update(before)
+        torch = sys.modules.get("torch")
+        if torch is not None and threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def run_cli(
@@ -56,7 +62,7 @@ def run_cli(
     args = tuple(str(a) for a in argv)
     out, err = io.StringIO(), io.StringIO()
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_environment(env or {}))
+        stack.enter_context(_isolated(env or {}))
         if cwd is not None:
             stack.enter_context(contextlib.chdir(cwd))
         stack.enter_context(contextlib.redirect_stdout(out))
@@ -68,3 +74,21 @@ def run_cli(
             if isinstance(exc.code, str):
                 print(exc.code, file=err)
     return CliResult(args, int(code), out.getvalue(), err.getvalue())
+
+
+def run_cli_process(
+    *argv: str | Path, timeout: float = 900, env: Mapping[str, str] | None = None
+) -> CliResult:
+    """`codesign *argv` in a fresh interpreter (pays the torch + TVM import, seconds). Only for
+    tests that need one; the caller says why (signals, a fresh process, an isolated
+    environment, or MetaSchedule tuning: a second tuning run in one pytest process trips over
+    pytest's log capture handlers)."""
+    args = tuple(str(a) for a in argv)
+    proc = subprocess.run(
+        [sys.executable, "-m", "codesign.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=None if env is None else {**os.environ, **env},
+    )
+    return CliResult(args, proc.returncode, proc.stdout, proc.stderr)

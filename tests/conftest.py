@@ -149,3 +149,21 @@ def x86_artifact(trained_model_dir: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("artifact") / "model.tar"
     opts = CompileOptions(protocol=MeasureProtocol.quick(), progress=False)
     return compile_artifact(trained_model_dir, "x86", out, opts).path
+
+
+# Test tiers (pyproject.toml markers; `make test-fast` leaves out tuning, rpc, network and slow).
+# A test that uses one of these fixtures pays for what the fixture does, so it carries its mark.
+_MARK_BY_FIXTURE = {
+    "block_tasks": "tuning",  # tests take its tasks and database to MetaSchedule
+    "farm_factory": "rpc",
+    "tiny_lut": "network",  # the whole tiny space measured (39 blocks)
+    "trained_model_dir": "network",  # a network trained on digits
+    "x86_artifact": "network",  # that network compiled, checked and measured
+    "measured": "network",  # tests/latency: whole networks measured
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        for fixture in set(_MARK_BY_FIXTURE) & set(getattr(item, "fixturenames", ())):
+            item.add_marker(_MARK_BY_FIXTURE[fixture])

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import CliResult, run_cli, run_cli_process
 
 import codesign
 from codesign.artifact.archive import read_archive, sha256, write_archive
@@ -32,11 +33,14 @@ from codesign.errors import (
 )
 from codesign.targets import parse_target
 
-CLI = [sys.executable, "-m", "codesign.cli.main"]
+
+def cli(*args: str) -> CliResult:
+    return run_cli(*args)
 
 
-def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+def cli_tuning(*args: str, timeout: float = 900) -> CliResult:
+    """A CLI call that tunes: in its own process (see run_cli_process)."""
+    return run_cli_process(*args, timeout=timeout)
 
 
 def members(path: Path) -> dict[str, bytes]:
@@ -62,6 +66,7 @@ def resealed(manifest: dict) -> bytes:
 
 def test_import_loads_neither_tvm_nor_torch() -> None:
     code = "import sys, codesign, codesign.artifact; print(sorted({'tvm', 'torch'} & set(sys.modules)))"
+    # a fresh process: this one imported both long ago
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
     assert callable(codesign.load)
@@ -430,7 +435,7 @@ def test_compile_applies_the_lut_tuning_records(
     lut = tmp_path / "lut.sqlite"
     args = ["lut", "build", "--space", "tiny", "--target", "x86", "--db", str(lut)]
     args += ["--trials", "2", "--limit", "1", "--repeat", "3", "--min-repeat-ms", "5"]
-    built = cli(*args, "--no-progress", "--json")
+    built = cli_tuning(*args, "--no-progress", "--json")
     assert built.returncode == 0, built.stderr
     assert json.loads(built.stdout)["valid_records"] > 0
     opts = CompileOptions(
@@ -457,7 +462,7 @@ def test_cli_compile_tunes_the_network(trained_model_dir: Path, tmp_path: Path) 
     out = tmp_path / "tuned.tar.gz"
     args = ["compile", "--model", str(trained_model_dir), "--target", "x86", "--out", str(out)]
     args += ["--tune-trials", "2", "--focus-trials", "64", "--val-limit", "30", "--repeat", "3"]
-    res = cli(*args, "--no-progress", "--json", timeout=1800)
+    res = cli_tuning(*args, "--no-progress", "--json", timeout=1800)
     assert res.returncode == 0, res.stderr
     tuning = json.loads(res.stdout)["tuning"]
     assert tuning["mode"] == "tuned" and tuning["trials_per_task"] == 2
@@ -467,7 +472,7 @@ def test_cli_compile_tunes_the_network(trained_model_dir: Path, tmp_path: Path) 
     cache = Path(os.environ["CODESIGN_CACHE_DIR"]) / "tuning" / f"{parse_target('x86').key}.sqlite"
     assert cache.exists()  # no --tuning-db: this CPU's tuning cache
     args[args.index(str(out))] = str(tmp_path / "again.tar")
-    again = cli(*args, "--no-progress", "--json", timeout=600)
+    again = cli_tuning(*args, "--no-progress", "--json", timeout=600)
     assert again.returncode == 0, again.stderr
     warm = json.loads(again.stdout)["tuning"]
     assert warm["tuned_tasks"] == 0 and warm["focus_tuned_tasks"] == 0  # a task tuned once
@@ -482,12 +487,12 @@ def test_tuning_cache_tunes_a_task_once(
     monkeypatch.setenv("CODESIGN_CACHE_DIR", str(tmp_path / "cache"))
     args = ["compile", "--model", str(trained_model_dir), "--target", "x86", "--tune-trials", "1"]
     args += ["--val-limit", "10", "--repeat", "3", "--min-repeat-ms", "5", "--no-progress"]
-    first = cli(*args, "--out", str(tmp_path / "a.tar"), "--json", timeout=900)
+    first = cli_tuning(*args, "--out", str(tmp_path / "a.tar"), "--json")
     assert first.returncode == 0, first.stderr
     cold = json.loads(first.stdout)["tuning"]
     cache = tmp_path / "cache" / "tuning" / f"{parse_target('x86').key}.sqlite"
     assert cache.exists() and cold["tuned_tasks"] == cold["unique_tasks"] > 0
-    again = cli(*args, "--out", str(tmp_path / "b.tar"), "--json", timeout=900)
+    again = cli_tuning(*args, "--out", str(tmp_path / "b.tar"), "--json")
     assert again.returncode == 0, again.stderr
     warm = json.loads(again.stdout)["tuning"]
     assert warm["tuned_tasks"] == 0 and warm["database_digest"] == cold["database_digest"]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import run_cli
 
 import codesign
 from codesign.artifact.remote import (
@@ -129,13 +130,9 @@ def test_run_on_rpc_server_equals_local(tracker: str, x86_artifact: Path, tmp_pa
     # the command line
     _wait_free(tracker)
     np.save(tmp_path / "x.npy", x)
-    out = subprocess.run(
-        [sys.executable, "-m", "codesign.cli.main", "run", str(x86_artifact)]
-        + ["--input", str(tmp_path / "x.npy"), "--rpc-key", KEY, "--tracker", tracker]
-        + ["--repeat", "2", "--min-repeat-ms", "1", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    out = run_cli(
+        *["run", str(x86_artifact), "--input", str(tmp_path / "x.npy"), "--rpc-key", KEY]
+        + ["--tracker", tracker, "--repeat", "2", "--min-repeat-ms", "1", "--json"]
     )
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)

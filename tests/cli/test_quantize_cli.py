@@ -4,17 +4,14 @@ artifact is reloaded from disk and agrees with the reported accuracy."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import CliResult, run_cli
 
-CLI = [sys.executable, "-m", "codesign.cli.main"]
 
-
-def run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+def run(*args: str) -> CliResult:
+    return run_cli(*args)
 
 
 def test_budget_is_required_and_exclusive(tmp_path: Path) -> None:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run_cli
 
 import codesign
 from codesign.artifact.verify import verify_artifact
@@ -29,7 +28,8 @@ from codesign.modules import build_network
 from codesign.search.space import get_space
 from codesign.train import TrainConfig, train
 
-CLI = [sys.executable, "-m", "codesign.cli.main"]
+# every test prunes, fine-tunes and measures a network trained by the module fixture
+pytestmark = pytest.mark.network
 
 
 @pytest.fixture(autouse=True)
@@ -191,7 +191,7 @@ def test_cli_prunes_fine_tunes_compiles_and_resumes(setup, tmp_path) -> None:
         "--min-repeat-ms", "5",
         "--torch-threads", "1",
     ]  # fmt: skip
-    run = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=600)
+    run = run_cli(*args)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "measured latency" in run.stdout and "amc search" in run.stderr  # progress bar
     pruned, meta = load_model(out)
@@ -216,7 +216,7 @@ def test_cli_prunes_fine_tunes_compiles_and_resumes(setup, tmp_path) -> None:
     # resume: one more episode on top of the three done (not timed, no artifact)
     args[args.index("--episodes") + 1] = "4"
     more = ["--no-measure", "--no-artifact"]
-    run = subprocess.run([*CLI, *args, *more], capture_output=True, text=True, timeout=600)
+    run = run_cli(*args, *more)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((out / "prune.json").read_text())
     assert report["resumed_from_episode"] == 3 and report["episodes"] == 4
@@ -225,7 +225,7 @@ def test_cli_prunes_fine_tunes_compiles_and_resumes(setup, tmp_path) -> None:
     assert not (out / "model.tar").exists()  # the first run's archive held other weights
     bad = list(args)
     bad[bad.index("--model") + 1] = str(tmp_path / "nope")
-    run = subprocess.run([*CLI, *bad], capture_output=True, text=True, timeout=600)
+    run = run_cli(*bad)
     assert run.returncode == 2 and "not a codesign model directory" in run.stderr
 
 

@@ -80,7 +80,7 @@ def test_config_file_and_bad_configs(tmp_path: Path) -> None:
     ]
     assert key_is_emulated(cfg, "127.0.0.1:9290", "arm64")
     assert not key_is_emulated(cfg, "127.0.0.1:9290", "x86")
-    assert load_config(None).servers[0].key == "x86"
+    assert load_config(None).servers[0].key == "local"  # the default farm: this machine
     for bad, msg in [
         ("[timeouts]\njobs = 3\n", "unknown option"),
         ("[[servers]]\nkey='a'\nport=9100\ncount=2\n[[servers]]\nkey='b'\nport=9101\n", "overlap"),
@@ -179,6 +179,7 @@ def test_cli_up_status_down_and_supervised_restart(tmp_path: Path) -> None:
         "[timeouts]\nhealth_interval = 0.5\nprobe_interval = 0\n"
         f"[[servers]]\nkey = 'x86'\ncount = 2\nport = {base + 1}\n"
     )
+    # subprocesses on purpose: up, status and down must work from separate processes
     cli = [sys.executable, "-m", "codesign.cli.main", "farm"]
     conf = ["--config", str(tmp_path / "farm.toml")]
     try:

@@ -61,6 +61,7 @@ def test_bigger_blocks_measure_slower(lut_path: Path, tiny, x86, quick) -> None:
     assert lat[big.key] > 1.5 * lat[small.key]
 
 
+@pytest.mark.tuning
 def test_tuned_build_shares_tasks_and_stores_records(lut_path: Path, tiny, x86, quick) -> None:
     layer = tiny.layers()[3]  # 24->24, 7x7: k3e3 and k5e3 share the 1x1 expand/project tasks
     blocks = [layer.block("k3e3"), layer.block("k5e3")]
@@ -88,6 +89,7 @@ def test_tuned_build_shares_tasks_and_stores_records(lut_path: Path, tiny, x86, 
     assert (more.tuned_tasks, more.measured, more.reused) == (1, 1, 2)
 
 
+@pytest.mark.tuning
 def test_finished_tasks_are_not_tuned_again_for_their_failed_candidates(
     tmp_path: Path, tiny, x86, quick
 ) -> None:
@@ -133,6 +135,7 @@ def test_killed_build_resumes_without_remeasuring(lut_path: Path, tmp_path: Path
         "10",
         "--no-progress",
     ]
+    # a process of its own: the test kills it half-way (SIGKILL), as a crash would
     proc = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )

@@ -163,6 +163,11 @@ def _stage_state(out: Path, name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+# ~400 s on 2 cores. The default tier covers its parts: every stage's own end-to-end test (lut
+# build, latency fit, search, prune, compile: tests/<part>/) and the stage runner's resume logic
+# above (test_stages_skip_resume_and_invalidate).
+@pytest.mark.slow
+@pytest.mark.network
 def test_pipeline_end_to_end_interrupted_and_resumed(tmp_path: Path) -> None:
     """A real run on the tiny space: interrupted (SIGINT) during the search, resumed without
     redoing the LUT and the latency model; a third run has nothing left to do."""

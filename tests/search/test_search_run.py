@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import CliResult, run_cli
 
 from codesign.data import load_dataset
 from codesign.latency.model import LatencyModel
@@ -20,8 +19,6 @@ from codesign.search.objective import LatencyObjective, SearchError
 from codesign.search.proxyless import ProxylessConfig, ProxylessSearch, derive_arch
 from codesign.search.run import search_split
 from codesign.search.supernet import Supernet
-
-CLI = [sys.executable, "-m", "codesign.cli.main"]
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +147,8 @@ def test_reinforce_search_runs(tiny, digits, model) -> None:
     assert any(abs(p - 1 / len(row)) > 1e-3 for row in out.probs for p in row)
 
 
-def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+def _cli(*args: str) -> CliResult:
+    return run_cli(*args)
 
 
 def test_cli_search_end_to_end(lut, model, tiny, tmp_path: Path) -> None:

@@ -69,6 +69,7 @@ def test_cuda_compiles_without_a_gpu() -> None:
     assert "__global__" in src
 
 
+@pytest.mark.tuning
 def test_tuned_kernels_read_prepacked_weights_in_both_weight_forms(tmp_path, x86) -> None:
     """Tuned x86 convolutions rewrite their weight layout; the rewrite runs once at compile
     time (not in every call), and embedded and runtime-input weights share the same tasks."""

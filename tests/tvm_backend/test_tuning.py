@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
+pytestmark = pytest.mark.tuning
+
 
 def _cost_ms(db, task, calls: int) -> float:
     secs = [float(s) for s in db.best_record(task.mod).run_secs]
