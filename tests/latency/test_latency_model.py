@@ -126,7 +126,7 @@ def test_fit_save_load_and_provenance_refusal(measured, tiny, x86, tmp_path: Pat
     assert (model.residual is None) == (report.form in ("none", "ridge"))
     assert set(report.test) == {"lut_only", "flops_linear", "lut_xgb"}
     for res in report.test.values():
-        assert 0 <= res["within10"] <= res["within10"] <= 1 and res["rmspe"] >= 0
+        assert 0 <= res["within5"] <= res["within10"] <= 1 and res["rmspe"] >= 0
     path = model.save(tmp_path / "model.json")
     again = LatencyModel.load(path, db)
     assert again.predict(archs[2]) == pytest.approx(model.predict(archs[2]))
