@@ -52,6 +52,9 @@ class BuildReport:
     seconds: dict[str, float] = field(default_factory=dict)
     farm: dict[str, Any] = field(default_factory=dict)  # farm runs: servers, retries, quarantine
     noise_floor: float | None = None  # this host's, when measured by this build (LatencyTable)
+    # blocks whose every try shared the CPU with other work (Measurement.converged False): their
+    # medians are stored but may be inflated; rebuild on a quieter machine to trust them
+    unconverged: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -250,6 +253,8 @@ def build_lut(
                 table.put(target.key, b, mode, m, prov, tuning_digest=digest)
                 if m.ok:
                     report.measured += 1
+                    if not m.converged:
+                        report.unconverged.append(b.key)
                 else:
                     report.failed.append(f"{b.key}: {m.error}")
                 bar.set_postfix_str(f"{b.key} {m.median_ms:.3f} ms" if m.ok else "failed")
