@@ -136,10 +136,11 @@ def compiled_accuracy(built: Any, data: Any, limit: int) -> tuple[float, float]:
 
 
 def measure_built(built: Any, protocol: MeasureProtocol, seed: int = 0) -> float:
-    """Median ms of the compiled quantized network on this machine (the shared runner)."""
-    from codesign.tvm_backend.runner import Where
+    """Median ms of the compiled quantized network on this machine: the runner the LUT is
+    measured with, measured again while unsteady like the LUT's blocks."""
+    from codesign.tvm_backend.runner import Where, run_steady
 
-    m = Where.local().runner(seed=seed).run(built, protocol)
+    m = run_steady(Where.local().runner(seed=seed), built, protocol)
     if not m.ok:
         raise CodesignError(f"measuring {built.label} failed: {m.error}")
     return m.median_ms
