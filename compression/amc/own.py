@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from torch import nn
@@ -299,8 +299,9 @@ def prune_own(
     original_ms = points[0][1]
     env = OwnEnv(graph, data, latency, budget_ms, settings.amc, settings.levels)
     search_dir = Path(out) / "search" if out is not None else None
-    result = run_search(env, settings.amc, out=search_dir,
-                        latency_id=f"{target.key}|{settings.missing}|a={latency.a:.6g}|b={latency.b:.6g}",
+    lat_id = f"{target.key}|{settings.missing}|a={latency.a:.6g}|b={latency.b:.6g}"
+    # OwnEnv offers what run_search uses of AMCEnv (reset/step/policy/score, the fingerprint)
+    result = run_search(cast(Any, env), settings.amc, out=search_dir, latency_id=lat_id,
                         progress=progress)  # fmt: skip
     best = OwnPolicy(tuple((n, int(k)) for n, k in
                            (kv.split("=") for kv in result.best["policy"].split(","))))  # fmt: skip

@@ -255,8 +255,13 @@ class OwnGraph:
                 continue
             if k < 1:
                 raise PruneError(f"unit {u.name}: at least one channel must be kept, got {k}")
-            fn = dg.get_pruner_of_module(mods[u.name]).prune_out_channels
+            pruner = dg.get_pruner_of_module(mods[u.name])
+            if pruner is None:
+                raise PruneError(f"torch-pruning has no pruner for {u.name}")
+            fn = pruner.prune_out_channels
             scores = imp(dg.get_pruning_group(mods[u.name], fn, list(range(u.channels))))
+            if scores is None:
+                raise PruneError(f"no magnitude importance for the group of {u.name}")
             drop = torch.argsort(scores)[: u.channels - k].tolist()
             dg.get_pruning_group(mods[u.name], fn, sorted(drop)).prune()
         return model
