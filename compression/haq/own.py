@@ -108,6 +108,18 @@ class OwnQuantResult:
             "search": {k: v for k, v in self.search.items() if k != "history"},
         }
 
+    def save(self, out: str | Path) -> Path:
+        """Write `out/model.so` (the compiled module, `tvm.runtime.load_module`; input
+        `built.input_shape` float32 NCHW, then `built.params`), `out/policy.json` (the
+        `QuantPolicy` record and the per-layer table) and `out/result.json`; returns `out`."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.built.export(out / "model.so")
+        policy = {**self.policy.to_dict(), "layers": self.layer_policy()}
+        (out / "policy.json").write_text(json.dumps(policy, indent=2) + "\n")
+        (out / "result.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return out
+
 
 def _lut_bits(p: str, menu: PrecisionMenu) -> tuple[int, int]:
     if p == "int8":
@@ -269,6 +281,12 @@ def quantize_own(
     s = settings or OwnHAQSettings()
     if budget_ms is not None and not budget_ms > 0:
         raise CodesignError(f"budget_ms must be positive (or None), got {budget_ms}")
+    shape = tuple(getattr(getattr(data, "info", None), "input_shape", ()))
+    if shape != tuple(input_shape)[1:]:
+        raise CodesignError(
+            f"the dataset gives inputs of shape {shape}, the model takes {tuple(input_shape)}; "
+            "load the dataset for the model's input shape (load_dataset(name, input_shape[1:]))"
+        )
     target = parse_target(target)
     menu = precision_menu(target)
     graph = trace_graph(model, input_shape)

@@ -96,8 +96,10 @@ def test_quantize_own_builds_a_real_mixed_precision_module_and_reuses_the_lut(
 ) -> None:
     from codesign.artifact.checks import TOLERANCES
     from codesign.compression.ddpg import DDPGConfig
+    from codesign.compression.haq.env import BudgetError
     from codesign.compression.haq.own import OwnHAQSettings, _compile, quantize_own
     from codesign.compression.quant.graphlower import max_abs_error
+    from codesign.compression.quant.policy import QuantPolicy
     from codesign.compression.quant.qat import QATConfig
     from codesign.data import load_dataset
     from codesign.measurement import MeasureProtocol
@@ -130,6 +132,9 @@ def test_quantize_own_builds_a_real_mixed_precision_module_and_reuses_the_lut(
     assert res.max_abs_error <= atol * max(1.0, res.output_scale)
     assert 0 <= res.accuracy <= 100 and abs(res.accuracy - res.accuracy_fakequant) <= 5
     assert set(res.layer_policy()) == {"stem.0", "dw.0", "pw.0", "down", "fc"}
+    saved = res.save(tmp_path / "out")
+    assert QuantPolicy.from_json((saved / "policy.json").read_text()) == res.policy
+    assert (saved / "model.so").stat().st_size > 0
 
     # the compiled integer path itself: every layer in int8 against the fake-quant twin
     g = trace_graph(small_net(), SHAPE)
@@ -146,3 +151,6 @@ def test_quantize_own_builds_a_real_mixed_precision_module_and_reuses_the_lut(
     assert again.search["resumed_from"] == 3
     assert again.policy == res.policy
     assert again.budget_ms == res.budget_ms and again.float_ms == res.float_ms
+    # a budget below the fastest reachable policy is refused before any search
+    with pytest.raises(BudgetError, match="Raise the budget"):
+        quantize_own(small_net(), budget_ms=1e-4, seed=0, progress=False, **kw)
