@@ -17,6 +17,7 @@ Writes benchmarks/results/compress_own_model.json; intermediate state in out/ben
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import replace
@@ -189,6 +190,12 @@ def main() -> int:
     ap.add_argument("--levels", type=int, default=4)
     ap.add_argument("--haq-episodes", type=int, default=4, help="0: no HAQ step")
     ap.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="TVM, PyTorch and peer threads (1 on a busy shared host)",
+    )
+    ap.add_argument(
         "--missing",
         choices=("measure", "scale"),
         default="scale",
@@ -206,11 +213,11 @@ def main() -> int:
     ap.add_argument("--result", default="compress_own_model", help="result file name")
     args = ap.parse_args()
     args.db = args.db or str(Path(args.work) / "lut.sqlite")
-    torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
+    torch.set_num_threads(args.threads)
     if args.merge is not None:
         return merge(args)
     host = machine()
-    target = parse_target("x86")
+    target = parse_target(f"x86:threads={args.threads}")
     data = subset(load_dataset("mnist5k", (3, args.size, args.size)), args.train_images,
                   args.val_images)  # fmt: skip
     results = {}
