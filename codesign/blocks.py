@@ -239,7 +239,9 @@ class BlockSpec:
                 f"malformed block key {key!r}; expected e.g. 'mb_k3_e6_i32_o32_s1_h28_w28', "
                 "'conv_k3_i3_o32_s2_h224_w224' or 'head_i320_m1280_o1000_h7_w7'"
             )
-        g = {k: (int(v) if v is not None else None) for k, v in match.groupdict().items()}
+        g: dict[str, Any] = {
+            k: (int(v) if v is not None else None) for k, v in match.groupdict().items()
+        }
         if kind == "conv":
             return cls("conv", g["k"], g["i"], g["o"], g["s"], g["h"], g["w"], precision=precision)
         if kind == "head":

@@ -185,7 +185,9 @@ def _fail(path: str, what: str) -> ManifestError:
     )
 
 
-def _get(d: Mapping[str, Any], key: str, path: str, kinds: tuple[type, ...], nullable=False):
+def _get(
+    d: Mapping[str, Any], key: str, path: str, kinds: tuple[type, ...], nullable: bool = False
+) -> Any:  # one of `kinds` (or None when nullable): checked at run time
     if key not in d:
         raise _fail(f"{path}.{key}" if path else key, "is missing")
     v = d[key]
