@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,12 +58,6 @@ def fingerprint(env: AMCEnv, config: AMCConfig, latency_id: str) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _save(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-
-
 def run_search(
     env: AMCEnv,
     config: AMCConfig,
@@ -74,91 +66,61 @@ def run_search(
     latency_id: str = "",
     progress: bool = True,
 ) -> SearchResult:
-    """Run (or resume) `config.episodes` episodes; checkpoints go to `out`/search.pt if given."""
-    from tqdm import tqdm
+    """Run (or resume) `config.episodes` episodes; checkpoints go to `out`/search.pt if given
+    (the loop is `codesign.compression.episodes.run_episodes`, shared with HAQ)."""
+    from codesign.compression.episodes import Checkpoint, Episode, run_episodes
 
-    t0 = time.time()
+    if config.episodes < 1:
+        raise PruneError("the search ran no episodes; ask for at least one (--episodes)")
     agent = DDPGAgent(env.state_dim, config.ddpg)
-    fp = fingerprint(env, config, latency_id)
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] | None = None
-    ckpt = jsonl = None
+    ck = jsonl = None
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        ckpt, jsonl = out / "search.pt", out / "episodes.jsonl"
-        if ckpt.exists():
-            try:
-                state = torch.load(ckpt, map_location="cpu", weights_only=True)
-            except Exception as err:
-                raise PruneError(
-                    f"{ckpt} is not a readable search checkpoint ({err}); move it away to start "
-                    "a fresh search"
-                ) from None
-            if not isinstance(state, dict) or state.get("format") != FORMAT:
-                raise PruneError(f"{ckpt} is not an AMC search checkpoint; move it away")
-            if state["fingerprint"] != fp:
-                raise PruneError(
-                    f"{ckpt} belongs to a search of another model, budget, latency model or "
-                    "settings; use another output directory (or delete it to start over)"
-                )
-            agent.load_state_dict(state["agent"])
-            history, best = list(state["history"]), state["best"]
-            jsonl.write_text("".join(json.dumps(r) + "\n" for r in history))
-    start = len(history)
-    bar = tqdm(
-        total=config.episodes,
-        initial=min(start, config.episodes),
+        jsonl = out / "episodes.jsonl"
+        ck = Checkpoint(
+            out / "search.pt",
+            FORMAT,
+            fingerprint(env, config, latency_id),
+            PruneError,
+            "belongs to a search of another model, budget, latency model or settings; use "
+            "another output directory (or delete it to start over)",
+        )
+
+    def finish(actions: list[float]) -> Episode:
+        policy = env.policy()
+        score = env.score(policy)
+        record = {"policy": policy.encode(), **{k: float(v) for k, v in score.items()}}
+        return Episode(actions, score["reward"], record)
+
+    def annotate(rec: dict[str, Any], stats: dict[str, float], ep: int, sec: float):
+        return {
+            **rec,
+            "sigma": agent.sigma(ep) if ep >= config.ddpg.warmup_episodes else None,
+            "critic_loss": stats.get("critic_loss"),
+            "seconds": round(sec, 3),
+        }
+
+    def restore(state: dict[str, Any]) -> None:
+        if jsonl is not None:  # the mirror follows the checkpoint it resumes
+            jsonl.write_text("".join(json.dumps(r) + "\n" for r in state["history"]))
+
+    def on_record(rec: dict[str, Any]) -> None:
+        if jsonl is not None:
+            with jsonl.open("a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+
+    res = run_episodes(
+        env,
+        agent,
+        config.episodes,
+        finish=finish,
+        checkpoint=ck,
+        restore=restore,
+        on_record=on_record,
+        annotate=annotate,
+        postfix=lambda r, b: f"acc {r['acc']:.1f}% {r['latency_ms']:.3f} ms | best {b['acc']:.1f}%",
         desc="amc search",
-        unit="ep",
-        disable=not progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
+        progress=progress,
     )
-    try:
-        for ep in range(start, config.episodes):
-            te = time.time()
-            state_t = env.reset()
-            states, actions = [], []
-            while state_t is not None:
-                a = agent.act(state_t, ep)
-                states.append(state_t)
-                actions.append(a)
-                state_t = env.step(a)
-            policy = env.policy()
-            score = env.score(policy)
-            agent.observe_episode(states, actions, score["reward"])
-            stats = agent.update()
-            rec = {
-                "episode": ep,
-                "policy": policy.encode(),
-                **{k: float(v) for k, v in score.items()},
-                "sigma": agent.sigma(ep) if ep >= config.ddpg.warmup_episodes else None,
-                "critic_loss": stats.get("critic_loss"),
-                "seconds": round(time.time() - te, 3),
-            }
-            history.append(rec)
-            if best is None or rec["reward"] > best["reward"]:
-                best = rec
-            if ckpt is not None:
-                _save(
-                    ckpt,
-                    {
-                        "format": FORMAT,
-                        "fingerprint": fp,
-                        "agent": agent.state_dict(),
-                        "history": history,
-                        "best": best,
-                    },
-                )
-                with jsonl.open("a") as fh:
-                    fh.write(json.dumps(rec) + "\n")
-            bar.update()
-            bar.set_postfix_str(
-                f"acc {rec['acc']:.1f}% {rec['latency_ms']:.3f} ms | best {best['acc']:.1f}%"
-            )
-    finally:
-        bar.close()
-    if best is None:
-        raise PruneError("the search ran no episodes; ask for at least one (--episodes)")
-    return SearchResult(best, history, start, time.time() - t0)
+    return SearchResult(res.best, res.history, res.resumed_from, res.seconds)
