@@ -309,7 +309,7 @@ def from_dict(data: dict[str, Any]) -> PipelineConfig:
         for key in ("targets", "baselines", "methods"):
             if key in values:
                 t = values[key]
-                values[key] = (t,) if isinstance(t, str) else tuple(t)
+                values[key] = (t,) if isinstance(t, str) else tuple(t) if isinstance(t, list) else t
         try:
             cfg = replace(cfg, **{section: cls(**{**asdict(getattr(cfg, section)), **values})})
         except TypeError as err:
