@@ -347,6 +347,7 @@ def quantize_own(
             "resumed_from": res.resumed_from,
             "best": res.best.to_dict(),
             "rest_ms": rest,
+            "layer_ms": {ly.path: dict(m) for ly, m in zip(graph.layers, layer_ms, strict=True)},
             "history": res.history,
         },
         built=built,
