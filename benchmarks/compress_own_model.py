@@ -79,7 +79,7 @@ def run_arch(name: str, args: argparse.Namespace, data, target) -> dict:  # type
     if base.exists():
         model.load_state_dict(torch.load(base, weights_only=True))
     else:
-        cfg = TrainConfig(epochs=args.train_epochs, lr=0.05 if name == "resnet18" else 0.1)
+        cfg = TrainConfig(epochs=args.train_epochs, lr=args.lr)
         train(model, data, cfg, checkpoint=work / "train.ckpt", desc=f"train {name}")
         torch.save(model.state_dict(), base)
     model.eval()
@@ -184,6 +184,7 @@ def main() -> int:
     ap.add_argument("--train-images", type=int, default=2000)
     ap.add_argument("--val-images", type=int, default=1000)
     ap.add_argument("--train-epochs", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=0.02, help="training learning rate")
     ap.add_argument("--finetune-epochs", type=int, default=1)
     ap.add_argument("--episodes", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=3)
