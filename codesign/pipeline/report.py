@@ -246,7 +246,8 @@ def _compression_lines(s: dict[str, Any], rel: dict[str, Path]) -> list[str]:
             continue
         lines.append(
             f"- {step} ({out['method']}): policy `{out.get('policy', '')}`, budget "
-            f"{_f(out.get('budget_ms'))} ms (asked {_f(out.get('budget_asked_ms'))} ms)"
+            f"{_f(out.get('budget_ms'))} ms (asked {_f(out.get('budget_asked_ms'))} ms; "
+            + ("the latency model's prediction)" if step == "prune" else "the LUT sum)")
         )
         if f"{step}_policy" in rel:
             lines += ["", f"![{step} policy]({rel[f'{step}_policy']})", ""]
