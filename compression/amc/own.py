@@ -5,7 +5,7 @@
                                        layers measured on demand with TVM into the LUT file
                                        (`layer:` keys); a, b fitted on whole networks measured
                                        with TVM (unpruned, uniformly pruned; `networks` table)
-    DDPG search (codesign.compression.ddpg via amc.search.run_search): one step per group,
+    DDPG search (codesign.compression.ddpg via amc.search.amc_search): one step per group,
         action = kept ratio, AMC's action wall keeps every episode within the budget, reward =
         accuracy on training images after a BatchNorm refresh (no fine-tuning)
     -> prune the best policy (torch-pruning) -> fine-tune (codesign.train) -> compile, measure
@@ -151,7 +151,7 @@ class _Fingerprint:
 
 
 class OwnEnv:
-    """AMC's environment over torch-pruning groups; the interface amc.search.run_search drives."""
+    """AMC's environment over torch-pruning groups; the interface amc.search.amc_search drives."""
 
     def __init__(self, graph: OwnGraph, data: Dataset, latency: OwnLatency, budget_ms: float,
                  config: AMCConfig, levels: int) -> None:  # fmt: skip
@@ -280,7 +280,7 @@ def prune_own(
 ) -> OwnPruneResult:
     """Prune `model` (trained on `data`) to `budget_ms` measured with TVM on `target`."""
     from codesign.compression.amc.own_layers import compile_own
-    from codesign.compression.amc.search import run_search
+    from codesign.compression.amc.search import amc_search
     from codesign.tvm_backend.runner import LocalRunner, run_steady
 
     t0 = time.time()
@@ -300,8 +300,8 @@ def prune_own(
     env = OwnEnv(graph, data, latency, budget_ms, settings.amc, settings.levels)
     search_dir = Path(out) / "search" if out is not None else None
     lat_id = f"{target.key}|{settings.missing}|a={latency.a:.6g}|b={latency.b:.6g}"
-    # OwnEnv offers what run_search uses of AMCEnv (reset/step/policy/score, the fingerprint)
-    result = run_search(cast(Any, env), settings.amc, out=search_dir, latency_id=lat_id,
+    # OwnEnv offers what amc_search uses of AMCEnv (reset/step/policy/score, the fingerprint)
+    result = amc_search(cast(Any, env), settings.amc, out=search_dir, latency_id=lat_id,
                         progress=progress)  # fmt: skip
     best = OwnPolicy(tuple((n, int(k)) for n, k in
                            (kv.split("=") for kv in result.best["policy"].split(","))))  # fmt: skip

@@ -24,7 +24,7 @@ import torch
 
 from codesign.compression.amc.env import AMCConfig, AMCEnv, reachable_ms
 from codesign.compression.amc.policy import PruneError, PrunePolicy, structure
-from codesign.compression.amc.search import run_search
+from codesign.compression.amc.search import amc_search
 from codesign.compression.amc.surgery import prune_network, recalibrate_bn
 from codesign.data import Dataset, load_dataset
 from codesign.measurement import MeasureProtocol
@@ -227,7 +227,7 @@ def prune_model(
     env = AMCEnv(net, data, lat, budget_ms, config)
     latency_id = f"{lat.target_key}|{lat.mode}|{lat.digest}|{lat.form}|{job.missing}"
     secs = {"setup": time.time() - t0}
-    result = run_search(env, config, out=out, latency_id=latency_id, progress=progress)
+    result = amc_search(env, config, out=out, latency_id=latency_id, progress=progress)
     secs["search"] = result.seconds
     t1 = time.time()
     policy = result.policy

@@ -26,7 +26,10 @@ FORMAT = "codesign-amc-search/1"
 
 
 @dataclass
-class SearchResult:
+class AMCEpisodes:
+    """What an AMC search's episodes gave: the best episode, the history, where it resumed (not
+    an architecture search's `codesign.search.run.SearchResult`)."""
+
     best: dict[str, Any]  # the best episode: policy, reward, acc, latency_ms, ...
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int = 0  # episodes already done when this call started
@@ -58,14 +61,14 @@ def fingerprint(env: AMCEnv, config: AMCConfig, latency_id: str) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_search(
+def amc_search(
     env: AMCEnv,
     config: AMCConfig,
     *,
     out: str | Path | None = None,
     latency_id: str = "",
     progress: bool = True,
-) -> SearchResult:
+) -> AMCEpisodes:
     """Run (or resume) `config.episodes` episodes; checkpoints go to `out`/search.pt if given
     (the loop is `codesign.compression.episodes.run_episodes`, shared with HAQ)."""
     from codesign.compression.episodes import Checkpoint, Episode, run_episodes
@@ -123,4 +126,4 @@ def run_search(
         desc="amc search",
         progress=progress,
     )
-    return SearchResult(res.best, res.history, res.resumed_from, res.seconds)
+    return AMCEpisodes(res.best, res.history, res.resumed_from, res.seconds)

@@ -16,7 +16,7 @@ import codesign
 from codesign.artifact.verify import verify_artifact
 from codesign.compression.amc.env import AMCConfig, AMCEnv, allowed_counts, reachable_ms
 from codesign.compression.amc.policy import PruneError, PrunePolicy, structure
-from codesign.compression.amc.search import run_search
+from codesign.compression.amc.search import amc_search
 from codesign.compression.ddpg import DDPGConfig
 from codesign.data import load_dataset
 from codesign.latency.model import LatencyModel
@@ -92,7 +92,7 @@ def test_allowed_counts() -> None:
 
 def test_every_policy_meets_the_budget(setup, tmp_path) -> None:
     env = env_for(setup, 0.6, CONFIG)
-    result = run_search(env, CONFIG, out=tmp_path, progress=False)
+    result = amc_search(env, CONFIG, out=tmp_path, progress=False)
     lat = LatencyModel.load(setup["latency"], setup["db"], missing="predict")
     net = env.network
     assert len(result.history) == 8
@@ -131,10 +131,10 @@ def test_uniform_baseline_and_rewards(setup) -> None:
 
 
 def test_search_is_seeded_and_resumes_exactly(setup, tmp_path) -> None:
-    whole = run_search(env_for(setup, 0.7, CONFIG), CONFIG, out=tmp_path / "a", progress=False)
+    whole = amc_search(env_for(setup, 0.7, CONFIG), CONFIG, out=tmp_path / "a", progress=False)
     short = replace(CONFIG, episodes=5)
-    part = run_search(env_for(setup, 0.7, short), short, out=tmp_path / "b", progress=False)
-    resumed = run_search(env_for(setup, 0.7, CONFIG), CONFIG, out=tmp_path / "b", progress=False)
+    part = amc_search(env_for(setup, 0.7, short), short, out=tmp_path / "b", progress=False)
+    resumed = amc_search(env_for(setup, 0.7, CONFIG), CONFIG, out=tmp_path / "b", progress=False)
     assert (part.resumed_from, resumed.resumed_from) == (0, 5)
 
     def key(h):
@@ -145,10 +145,10 @@ def test_search_is_seeded_and_resumes_exactly(setup, tmp_path) -> None:
     lines = (tmp_path / "b" / "episodes.jsonl").read_text().splitlines()
     assert [json.loads(x)["policy"] for x in lines] == [r["policy"] for r in whole.history]
     other = replace(CONFIG, ddpg=replace(CONFIG.ddpg, seed=1))
-    diff = run_search(env_for(setup, 0.7, other), other, progress=False)
+    diff = amc_search(env_for(setup, 0.7, other), other, progress=False)
     assert key(diff.history) != key(whole.history)
     with pytest.raises(PruneError, match="another model, budget"):
-        run_search(env_for(setup, 0.8, CONFIG), CONFIG, out=tmp_path / "b", progress=False)
+        amc_search(env_for(setup, 0.8, CONFIG), CONFIG, out=tmp_path / "b", progress=False)
 
 
 def test_missing_blocks_are_measured_into_the_lut(setup, tmp_path, x86) -> None:
