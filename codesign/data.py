@@ -16,7 +16,7 @@ import pickle
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -94,7 +94,7 @@ class Dataset:
 
 
 def _to_input(
-    x: torch.Tensor, shape: tuple[int, int, int], mean: tuple[float, ...], std: tuple[float, ...]
+    x: torch.Tensor, shape: tuple[int, ...], mean: tuple[float, ...], std: tuple[float, ...]
 ) -> torch.Tensor:
     c, h, w = shape
     x = x.float()
@@ -143,7 +143,7 @@ def load_dataset(
         name=Path(name_or_path).name if name_or_path not in BUILTIN else name_or_path,
         source=source,
         classes=tuple(classes),
-        input_shape=tuple(input_shape),
+        input_shape=cast(tuple[int, int, int], tuple(input_shape)),
         mean=mean,
         std=std,
         n_train=len(x_tr),
@@ -262,7 +262,7 @@ def _read_folder(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str], str
     for f, _ in files:
         img = open_image(f).convert(mode)
         if img.size != size:
-            img = img.resize(size, Image.BILINEAR)
+            img = img.resize(size, Image.Resampling.BILINEAR)
         a = np.asarray(img, dtype=np.float32)
         arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
     x = torch.from_numpy(np.stack(arrays))

@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from codesign import interrupt
 from codesign.blocks import BlockSpec
@@ -33,6 +33,11 @@ from codesign.lut import LatencyTable
 from codesign.measurement import MeasureProtocol, Provenance
 from codesign.search.space import SearchSpace, get_space
 from codesign.targets import Target, parse_target
+
+if TYPE_CHECKING:  # annotations only: these import TVM
+    from codesign.farm.measure import FarmSpec
+    from codesign.tvm_backend.database import SQLiteDatabase
+    from codesign.tvm_backend.runner import Runner
 
 
 @dataclass
@@ -108,9 +113,9 @@ def build_lut(
     protocol: MeasureProtocol | None = None,
     seed: int = 0,
     blocks: Sequence[BlockSpec] | None = None,
-    runner: Any = None,
+    runner: Runner | None = None,
     progress: bool = True,
-    farm: Any = None,
+    farm: FarmSpec | None = None,
     precisions: Sequence[str] | None = None,
     noise_floor: bool | None = None,
 ) -> BuildReport:
@@ -139,7 +144,10 @@ def build_lut(
         farm = Where.of_target(target).farm()
     runner = runner or (None if farm is not None else Where.local().runner(seed=seed))
     blocks_given = blocks
-    blocks = tuple(blocks) if blocks is not None else space.blocks()
+    if blocks is None:
+        assert space is not None  # checked above
+        blocks = space.blocks()
+    blocks = tuple(blocks)
     if precisions:
         blocks = tuple(dict.fromkeys(b.with_precision(p) for p in precisions for b in blocks))
     mode = "tuned" if trials > 0 else "untuned"
@@ -277,7 +285,7 @@ def _record_noise_floor(
     table: LatencyTable,
     space: SearchSpace,
     target: Target,
-    runner: Any,
+    runner: Runner,
     protocol: MeasureProtocol,
     *,
     seed: int,
@@ -319,11 +327,11 @@ def _measure_on_farm(
     blocks: Sequence[BlockSpec],
     target: Target,
     table: LatencyTable,
-    farm: Any,
+    farm: FarmSpec,
     report: BuildReport,
     lowered: dict[str, Any],
     fused: dict[str, Any],
-    database: Any,
+    database: SQLiteDatabase | None,
     digests: dict[str, str],
     *,
     protocol: MeasureProtocol,

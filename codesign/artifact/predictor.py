@@ -148,7 +148,7 @@ def preprocess_image(image: Any, prep: Preprocessing, shape: tuple[int, ...]) ->
     if not hasattr(image, "convert"):
         raise InputError(f"cannot use {type(image).__name__} as an image")
     _, c, h, w = shape
-    img = image.convert(prep.color).resize((w, h), Image.BILINEAR)
+    img = image.convert(prep.color).resize((w, h), Image.Resampling.BILINEAR)
     a = np.asarray(img, dtype=np.float32)
     a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
     lo, hi = prep.pixel_range

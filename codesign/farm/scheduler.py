@@ -169,7 +169,8 @@ class FarmScheduler:
                     return self.report
                 if time.monotonic() - last_refresh > 1.0:
                     self._refresh(
-                        {p.job.tracker for p in queue} | {w.task.job.tracker for w in busy}
+                        {p.job.tracker for p in queue}
+                        | {w.task.job.tracker for w in busy if w.task}
                     )
                     last_refresh = time.monotonic()
                 self._scale(workers, queue)
@@ -277,7 +278,9 @@ class FarmScheduler:
                 in_use = sum(
                     1
                     for x in workers
-                    if x.state == "busy" and (x.task.job.tracker, x.task.job.key) == (tr, key)
+                    if x.state == "busy"
+                    and x.task is not None
+                    and (x.task.job.tracker, x.task.job.key) == (tr, key)
                 )
                 cap = self._capacity(tr, key)
                 if in_use >= cap:
@@ -310,6 +313,7 @@ class FarmScheduler:
                     continue
                 self._message(w, msg, queue, on_result)
             elif w.state == "busy" and time.monotonic() > w.deadline:
+                assert w.task is not None  # a busy worker has a task
                 self.report.deadlines += 1
                 where = f"on server {w.server}" if w.server else "waiting for the tracker"
                 self._lost(
@@ -331,12 +335,14 @@ class FarmScheduler:
             w.server, w.deadline = msg[2], time.monotonic() + self.cfg.timeouts.job
         elif kind == "done":
             p, result = w.task, msg[2]
+            assert p is not None  # a result comes from a busy worker
             self.failures[w.server] = 0
             self.report.per_server[w.server] = self.report.per_server.get(w.server, 0) + 1
             self._finish(p, result.measurement, w.server, on_result, result.output)
             w.state, w.task = "idle", None
         elif kind == "error":
             p, err_type, message = w.task, msg[2], msg[3]
+            assert p is not None  # an error comes from a busy worker
             w.state, w.task = "idle", None
             self._failed(
                 p, w.server, f"{err_type}: {message}", classify(err_type, message), queue, on_result

@@ -457,5 +457,5 @@ def stop_farm(state_dir: Path, timeout: float = 20.0) -> int:
 
 
 if __name__ == "__main__":
-    sys.modules.setdefault("torch", None)  # tvm_ffi imports torch if it can (probes): 2 s
+    sys.modules.setdefault("torch", None)  # pyright: ignore[reportArgumentType]  tvm_ffi imports torch if it can (probes): 2 s
     Supervisor(Path(sys.argv[1])).run()

@@ -75,7 +75,7 @@ def main(fd: int) -> None:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-    sys.modules.setdefault("torch", None)  # tvm_ffi imports torch if it can: 2 s we don't need
+    sys.modules.setdefault("torch", None)  # pyright: ignore[reportArgumentType]  tvm_ffi imports torch if it can: 2 s we don't need
     conn = Connection(fd)
     import tvm  # noqa: F401
 

@@ -131,7 +131,7 @@ class StageRunner:
 
         def handler(signum: int, frame: Any) -> None:
             self.stop_requested = True
-            before = previous[signum]
+            before = previous[signal.Signals(signum)]
             if callable(before):
                 before(signum, frame)
             else:

@@ -346,7 +346,9 @@ def _html(md: str, figs: dict[str, Path], out: Path, title: str) -> str:
             level = len(line) - len(line.lstrip("#"))
             body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
         elif line.startswith("!["):
-            alt, src = re.match(r"!\[([^\]]*)\]\(([^)]+)\)", line).groups()
+            match = re.match(r"!\[([^\]]*)\]\(([^)]+)\)", line)
+            assert match is not None  # the report writes its images as ![alt](src)
+            alt, src = match.groups()
             data = by_rel.get(src)
             if data:
                 body.append(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">')
