@@ -178,7 +178,7 @@ def main() -> int:
     from codesign.data import load_dataset
     from codesign.targets import parse_target
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--arch", nargs="+", default=["mobilenet_v2", "resnet18"])
     ap.add_argument("--size", type=int, default=64, help="input height and width")
     ap.add_argument("--train-images", type=int, default=2000)
