@@ -13,7 +13,7 @@ artifact as users do (codesign.load) and times, in interleaved rounds with the s
 input: the artifact (TVM time_evaluator, and per call from Python) and ONNX Runtime and OpenVINO
 per call from Python (codesign.peers). The numerical check is the artifact's max abs difference
 from ONNX Runtime (as recorded by `codesign compile`, and again on fresh inputs here).
-Writes benchmarks/results/compile_onnx.json (compile_onnx_quick.json with --quick).
+Writes benchmarks/results/compile_onnx.json (compile_onnx_quick.json with --quick, or --name).
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--min-repeat-ms", type=int, default=50)
+    ap.add_argument("--name", default=None, help="result file name (default compile_onnx[_quick])")
     args = ap.parse_args()
 
     size = 64 if args.quick else 224
@@ -138,6 +139,7 @@ def main() -> None:
         "compile_report_per_call_ms": manifest["peers"]["per_call_ms"],
         "compile_log": compile_log,
         "machine": machine(),
+        "loadavg_at_end": [round(v, 2) for v in os.getloadavg()],
     }
     print(
         f"\nMobileNetV2 {'x'.join(map(str, shape))} on {threads} threads ({target.key}), per call:"
@@ -147,7 +149,7 @@ def main() -> None:
         f"\n  openvino    {per_call['openvino']:8.3f} ms   ratio OpenVINO/codesign "
         f"{result['ratio_openvino_over_codesign']:.2f}"
     )
-    write_result("compile_onnx_quick" if args.quick else "compile_onnx", result)
+    write_result(args.name or ("compile_onnx_quick" if args.quick else "compile_onnx"), result)
 
 
 if __name__ == "__main__":
