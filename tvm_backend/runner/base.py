@@ -23,6 +23,7 @@ from codesign.errors import TargetError
 if TYPE_CHECKING:
     from codesign.measurement import Measurement, MeasureProtocol
     from codesign.tvm_backend.build import Built
+    from codesign.tvm_backend.runner import base  # the installed name (pyright sees both)
 
 
 class Runner(abc.ABC):
@@ -90,7 +91,9 @@ class Where:
     def describe(self) -> str:
         return "local" if self.is_local else f"rpc key {self.key} via tracker {self.tracker}"
 
-    def runner(self, *, seed: int = 0, config: Any = None, emulated: bool | None = None) -> Runner:
+    def runner(
+        self, *, seed: int = 0, config: Any = None, emulated: bool | None = None
+    ) -> base.Runner:
         """A LocalRunner, or an RPCRunner (farm jobs; `config` a FarmConfig) for the key."""
         if self.is_local:
             from codesign.tvm_backend.runner.local import LocalRunner

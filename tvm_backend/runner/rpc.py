@@ -68,7 +68,8 @@ def prepare_job(
     params_path = input_path = ""
     if built.params:
         params_path = str(workdir / f"{name}.params.npz")
-        np.savez(params_path, **{f"p{i}": np.asarray(p) for i, p in enumerate(built.params)})
+        arrays: dict[str, Any] = {f"p{i}": np.asarray(p) for i, p in enumerate(built.params)}
+        np.savez(params_path, **arrays)
     if input_array is not None:
         input_path = str(workdir / f"{name}.input.npy")
         np.save(input_path, np.ascontiguousarray(input_array))
