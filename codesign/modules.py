@@ -8,7 +8,8 @@ can be inspected, pruned and lowered block by block. Nothing here keeps hidden s
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Literal, TypeVar, overload
 
 import torch
 from torch import nn
@@ -16,6 +17,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from codesign.arch import Arch
 from codesign.blocks import BlockSpec
+
+_M = TypeVar("_M", bound=nn.Module)
 
 
 class ConvBNAct(nn.Sequential):
@@ -29,6 +32,18 @@ class ConvBNAct(nn.Sequential):
             nn.BatchNorm2d(cout),
             nn.ReLU6(inplace=False) if act else nn.Identity(),
         )
+
+    if TYPE_CHECKING:  # what its parts are, for the type checker (fold_bn swaps [1] out)
+
+        @overload
+        def __getitem__(self, idx: Literal[0]) -> nn.Conv2d: ...
+        @overload
+        def __getitem__(self, idx: Literal[1]) -> nn.BatchNorm2d: ...
+        @overload
+        def __getitem__(self, idx: int) -> nn.Module: ...
+        @overload
+        def __getitem__(self, idx: slice) -> nn.Sequential: ...
+        def __getitem__(self, idx: int | slice) -> nn.Module: ...
 
 
 class MBConv(nn.Module):
@@ -83,7 +98,7 @@ def build_block(spec: BlockSpec, dropout: float = 0.0) -> nn.Module:
     return Head(spec, dropout)
 
 
-def init_weights(model: nn.Module, seed: int = 0) -> nn.Module:
+def init_weights(model: _M, seed: int = 0) -> _M:
     """Seeded He init for convs, unit BN, zero-init of every residual block's last BN."""
     gen = torch.Generator().manual_seed(seed)
     for m in model.modules():
@@ -116,19 +131,24 @@ class Network(nn.Sequential):
     def input_shape(self) -> tuple[int, int, int, int]:
         return self.specs[0].input_shape
 
+    if TYPE_CHECKING:  # its children are what build_block makes
+
+        def __iter__(self) -> Iterator[Stem | MBConv | Head]: ...
+
 
 def build_network(space, arch: Arch, seed: int = 0, dropout: float = 0.0) -> Network:
     """The network of `arch` in `space` (a SearchSpace), with seeded initial weights."""
     return init_weights(Network(space.arch_blocks(arch), dropout), seed)
 
 
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+def randomize_bn(model: _M, seed: int = 0) -> _M:
     """Give every BatchNorm non-trivial statistics (so that folding is really exercised)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 n = m.num_features
+                assert m.running_mean is not None and m.running_var is not None  # tracked stats
                 m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
                 m.running_var.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
                 m.weight.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
@@ -136,7 +156,7 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def fold_bn(model: nn.Module) -> nn.Module:
+def fold_bn(model: _M) -> _M:
     """An eval-mode copy with every BatchNorm folded into the conv before it (conv gains a bias)."""
     model = copy.deepcopy(model).eval()
     for m in model.modules():

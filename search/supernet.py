@@ -22,6 +22,7 @@ extra op.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -104,6 +105,7 @@ def equalize(layer: MixedLayer) -> None:
         ):
             continue
         if op.expand is not None:
+            assert ref.expand is not None  # both have one (checked above)
             op.expand[0].weight.copy_(ref.expand[0].weight.repeat(r, 1, 1, 1))
             _copy_bn(op.expand[1], ref.expand[1], r)
         w = torch.zeros_like(op.depthwise[0].weight)
@@ -139,13 +141,18 @@ class Supernet(nn.Module):
         self.head = build_block(space.head_block(), dropout)
         init_weights(self, seed)
         if init == "equal":
-            for layer in self.layers:
+            for layer in self._mixed:
                 equalize(layer)
+
+    @property
+    def _mixed(self) -> Iterable[MixedLayer]:
+        """`self.layers` as the type checker should see it."""
+        return cast("Iterable[MixedLayer]", self.layers)
 
     # ---------------------------------------------------------------- paths
     @property
     def num_candidates(self) -> tuple[int, ...]:
-        return tuple(len(m) for m in self.layers)
+        return tuple(len(m) for m in self._mixed)
 
     def check_path(self, path: Sequence[int]) -> OpPath:
         path = tuple(int(i) for i in path)
@@ -191,7 +198,7 @@ class Supernet(nn.Module):
         if len(choices) != len(self.layers) or len(gates) != len(self.layers):
             raise ArchError(f"gated forward needs {len(self.layers)} choices and gates per layer")
         x = self._body_in(x)
-        for layer, idx, g in zip(self.layers, choices, gates, strict=True):
+        for layer, idx, g in zip(self._mixed, choices, gates, strict=True):
             x = layer.forward_gated(x, idx, g)
         return self.head(x)
 
@@ -201,7 +208,7 @@ class Supernet(nn.Module):
         yield self.stem
         if self.first is not None:
             yield self.first
-        for layer, idx in zip(self.layers, self.check_path(path), strict=True):
+        for layer, idx in zip(self._mixed, self.check_path(path), strict=True):
             yield layer.candidates[idx]
         yield self.head
 

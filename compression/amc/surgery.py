@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from codesign.compression.amc.policy import PrunePolicy, Structure, pruned_specs, structure
-from codesign.modules import Head, MBConv, Network, Stem
+from codesign.modules import ConvBNAct, Head, MBConv, Network, Stem
 
 Keep = dict[str, torch.Tensor]  # unit name -> sorted indices of kept channels
 
@@ -39,10 +39,11 @@ def _consumer_weights(net: Network, st: Structure) -> dict[str, list[torch.Tenso
             w_in, w_mid = block.mix[0].weight, block.classifier.weight
         else:
             continue
-        if st.in_unit[i] is not None and w_in is not None:
-            found[st.in_unit[i]].append(w_in.detach().flatten(1))
-        if st.mid_unit[i] is not None:
-            found[st.mid_unit[i]].append(w_mid.detach().flatten(1))
+        u_in, u_mid = st.in_unit[i], st.mid_unit[i]
+        if u_in is not None and w_in is not None:
+            found[u_in].append(w_in.detach().flatten(1))
+        if u_mid is not None:
+            found[u_mid].append(w_mid.detach().flatten(1))
     return found
 
 
@@ -77,16 +78,18 @@ def _copy_conv(dst: nn.Conv2d, src: nn.Conv2d, rows: torch.Tensor, cols: torch.T
         w = w[:, cols]
     dst.weight.data.copy_(w)
     if src.bias is not None:
+        assert dst.bias is not None  # built like src
         dst.bias.data.copy_(src.bias.detach()[rows])
 
 
 def _copy_bn(dst: nn.BatchNorm2d, src: nn.BatchNorm2d, rows: torch.Tensor) -> None:
     for name in ("weight", "bias", "running_mean", "running_var"):
         getattr(dst, name).data.copy_(getattr(src, name).detach()[rows])
+    assert dst.num_batches_tracked is not None and src.num_batches_tracked is not None
     dst.num_batches_tracked.data.copy_(src.num_batches_tracked)
 
 
-def _copy_convbn(dst: nn.Sequential, src: nn.Sequential, rows, cols) -> None:
+def _copy_convbn(dst: ConvBNAct, src: ConvBNAct, rows, cols) -> None:
     _copy_conv(dst[0], src[0], rows, cols)
     _copy_bn(dst[1], src[1], rows)
 
@@ -112,13 +115,17 @@ def prune_network(
             mid = _idx(keep, st.mid_unit[i], s.mid) if s.mid else None
             cout = _idx(keep, st.out_unit[i], s.cout)
             if isinstance(src, Stem):
+                assert isinstance(dst, Stem)  # pruning keeps the block types
                 _copy_convbn(dst.conv, src.conv, cout, cin)
             elif isinstance(src, MBConv):
+                assert isinstance(dst, MBConv)
                 if src.expand is not None:
+                    assert dst.expand is not None
                     _copy_convbn(dst.expand, src.expand, mid, cin)
                 _copy_convbn(dst.depthwise, src.depthwise, mid, mid)
                 _copy_convbn(dst.project, src.project, cout, mid)
             elif isinstance(src, Head):
+                assert isinstance(dst, Head)
                 _copy_convbn(dst.mix, src.mix, mid, cin)
                 dst.classifier.weight.copy_(src.classifier.weight.detach()[:, mid])
                 dst.classifier.bias.copy_(src.classifier.bias.detach())

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -104,7 +105,7 @@ class _QMixin:
 
 class QConv2d(nn.Conv2d, _QMixin):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self._weights(self.weight, self.bias)
+        w, b = self._weights(self.weight, cast(torch.Tensor, self.bias))  # bias=True
         y = F.conv2d(self._act(x), w, b, self.stride, self.padding, self.dilation, self.groups)
         return _half(y) if self.a_bits == 16 else y
 
@@ -116,22 +117,25 @@ class QLinear(nn.Linear, _QMixin):
         return _half(y) if self.a_bits == 16 else y
 
 
-def _swap(parent: nn.Module, name: str, old: nn.Module, layer: QLayer) -> nn.Module:
+def _swap(parent: nn.Module, name: str, old: nn.Module, layer: QLayer) -> QConv2d | QLinear:
+    new: QConv2d | QLinear
     if isinstance(old, nn.Conv2d):
-        new: nn.Module = QConv2d(
+        new = QConv2d(
             old.in_channels,
             old.out_channels,
-            old.kernel_size,
-            old.stride,
-            old.padding,
+            cast(tuple[int, int], old.kernel_size),
+            cast(tuple[int, int], old.stride),
+            cast(Any, old.padding),  # as nn.Conv2d keeps it: a 2-tuple or a string
             groups=old.groups,
             bias=True,
         )
         bias = old.bias if old.bias is not None else torch.zeros(old.out_channels)
     else:
+        assert isinstance(old, nn.Linear)  # quant_layers names convolutions and linears
         new = QLinear(old.in_features, old.out_features, bias=True)
         bias = old.bias
     with torch.no_grad():
+        assert new.bias is not None and bias is not None  # built with bias=True
         new.weight.copy_(old.weight)
         new.bias.copy_(bias)
     new.layer = layer
@@ -202,6 +206,7 @@ def export_params(qnet: Network) -> list[LayerParams]:
     with the same torch ops as the fake-quant forward pass."""
     out = []
     for m in qmodules(qnet):
+        assert m.bias is not None  # built with bias=True
         w, b = m.weight.detach().float(), m.bias.detach().float()
         qweight = w_scale = None
         if m.w_bits <= 8:
