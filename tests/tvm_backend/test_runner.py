@@ -109,6 +109,7 @@ def test_loaded_machine_gives_the_unloaded_median_or_says_it_did_not_converge(x8
     assert close or not loaded.steady(STEADY_CV), (quiet.median_ms, loaded)
 
 
+@pytest.mark.network
 def test_lut_records_the_noise_floor_once(lut_path, tiny, x86, quick) -> None:
     """Once per LUT file, target and protocol: one network of the space measured repeatedly
     (a whole-space build does it by default; a build of chosen blocks when asked)."""
