@@ -64,7 +64,7 @@ def load(
     """
     from codesign.artifact.predictor import load as _load
 
-    return _load(path, device, session=session, threads=threads)
+    return _load(os.fspath(path), device, session=session, threads=threads)
 
 
 def compile_model(model: Any, *, out: str | os.PathLike[str], **kwargs: Any) -> ImportReport:

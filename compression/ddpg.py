@@ -247,13 +247,13 @@ class DDPGAgent:
         c = self.config
         return c.init_sigma * c.sigma_decay ** max(0, episode - c.warmup_episodes)
 
-    def _state(self, state: np.ndarray | Sequence[float]) -> torch.Tensor:
+    def _state(self, state: np.ndarray | Sequence[float] | torch.Tensor) -> torch.Tensor:
         s = torch.as_tensor(np.asarray(state, dtype=np.float32))
         if s.shape != (self.state_dim,):
             raise DDPGError(f"expected a state of shape ({self.state_dim},), got {tuple(s.shape)}")
         return s
 
-    def greedy(self, state: np.ndarray | Sequence[float]) -> float:
+    def greedy(self, state: np.ndarray | Sequence[float] | torch.Tensor) -> float:
         """The actor's action for `state`, without exploration."""
         with torch.no_grad(), _one_thread():
             return float(self.actor(self._state(state)[None])[0, 0])

@@ -201,8 +201,13 @@ def evolve(
                 children.append(child)
                 seen.add(child.encode())
         for _ in range(cfg.crossovers if len(parents) > 1 else 0):
+
+            def cross(r: random.Random = rng, ps: list[Arch] = parents) -> Arch:
+                a, b = r.sample(ps, 2)
+                return space.crossover(a, b, r)
+
             child = _feasible(
-                lambda r=rng, ps=parents: space.crossover(*r.sample(ps, 2), r),
+                cross,
                 model,
                 budget_ms,
                 seen,

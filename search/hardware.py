@@ -137,4 +137,5 @@ def tuning_database(model: Any, db: Path | None, target: Target) -> Any:
         return None
     from codesign.tvm_backend.database import open_tuning_database
 
+    assert db is not None  # check_model: a tuned model comes with its LUT file
     return open_tuning_database(db, target.key)

@@ -32,7 +32,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from codesign.arch import Arch
 from codesign.data import Dataset, load_dataset
@@ -170,7 +170,7 @@ def search_arch(
     if isinstance(model, (str, Path)):
         source = str(model)
         model = LatencyModel.load(model, lut, target=target)
-    target = parse_target(target) if target is not None else model.target
+    target = parse_target(target) if target is not None else cast("Target | None", model.target)
     if target is None:
         raise SearchError(f"latency model {source} names no target: pass target=")
     db = Path(lut) if lut is not None else model.db

@@ -1,3 +1,5 @@
+# TVMScript declares buffers with call expressions as annotations (T.Buffer((16, 4), "int8")).
+# pyright: reportInvalidTypeForm=false
 """x86 int8 tensor intrinsics and the MetaSchedule design space that tensorizes with them.
 
 TVM 0.27 ships int8 dot products for AVX-512 only (`dot_16x4_vnni`, `dot_16x4_avx512`). For

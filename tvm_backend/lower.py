@@ -117,7 +117,10 @@ def lower_block(
         from codesign.tvm_backend.quantize import lower_precision_block
 
         menu = precision_menu(parse_target(target if target is not None else "x86"))
-        return lower_precision_block(spec, menu, seed=seed, params_as_input=params_as_input)
+        # the same Lowered, seen by pyright under its installed name codesign.tvm_backend.lower
+        return lower_precision_block(  # pyright: ignore[reportReturnType]
+            spec, menu, seed=seed, params_as_input=params_as_input
+        )
     module = init_weights(build_block(spec), seed)
     return lower_module(
         module,

@@ -109,7 +109,7 @@ def _tiled_loops(sketch: Any, task_mod: Any) -> list[Loop]:
 
 
 def analytic_schedule(
-    task_mod: Any, target: Target, ctx: Any | None = None, sketches: list[Any] | None = None
+    task_mod: Any, target: Target, ctx: Any = None, sketches: list[Any] | None = None
 ) -> Any | None:
     """The analytic schedule of one tuning task (a `tvm.s_tir.Schedule`), or None when no
     sketch of the task's design space passes the postprocessors. `ctx` and `sketches` (its

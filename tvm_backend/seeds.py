@@ -198,7 +198,7 @@ def seed_schedules(
     target: Target,
     count: int,
     seed: int = 0,
-    ctx: Any | None = None,
+    ctx: Any = None,
     sketches: list[Any] | None = None,
 ) -> list[Any]:
     """Up to `count` register-tiled schedules of a convolution task ([] for other tasks).

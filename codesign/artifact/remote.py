@@ -145,6 +145,7 @@ class RemoteExecutor(Executor):
     def run(self, x: np.ndarray) -> np.ndarray:
         import tvm
 
+        assert self.vm is not None, "the remote session is closed"
         with self._bound(f"running on {self.where}"):
             try:
                 self.vm.set_input("main", tvm.runtime.tensor(x, self.dev))

@@ -180,6 +180,7 @@ def _arm_up(args: argparse.Namespace) -> int:
         from codesign.farm.procs import read_json
 
         d = read_json(_config(args).state_dir / "config.json")
+        assert d is not None  # the running supervisor's farm wrote it
         cfg = FarmConfig.from_dict(d).with_group(group)
         write_config(cfg)
         wait_ready(cfg, keys=(args.key,))

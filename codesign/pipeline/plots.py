@@ -41,7 +41,9 @@ def draw_arch(space: Any, arch: Any, path: str | Path) -> Path:
     ax.set_ylabel("expansion")
     ax.set_ylim(0, max(space.expansions) + 1.2)
     ax.set_title(arch.encode(), fontsize=7)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _KERNEL_COLOR.values()]
+    from matplotlib.patches import Rectangle
+
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in _KERNEL_COLOR.values()]
     ax.legend(
         handles,
         [f"kernel {k}" for k in _KERNEL_COLOR],

@@ -23,7 +23,7 @@ image subset of the pruned network without fine-tuning (`acc`, in [0, 1]), or AM
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -161,7 +161,7 @@ class AMCEnv:
         return self._assign(decided, self.options)
 
     def _assign(
-        self, decided: dict[str, int], prefs: dict[str, Sequence[int]]
+        self, decided: dict[str, int], prefs: Mapping[str, Sequence[int]]
     ) -> dict[str, int] | None:
         """Fill the undecided units in network order, each with its first width in `prefs`
         that adds no shortcut; where that leaves a later unit no width (e.g. an 8-channel
@@ -273,6 +273,7 @@ class AMCEnv:
         if chosen is None:  # the previous step's completion always fits
             assert self.completion is not None
             chosen, completion = self.completion[u.name], self.completion
+        assert completion is not None  # set together with `chosen`
         self.decided[u.name] = chosen
         self.completion = completion
         self.floor_ms = self.latency(completion)

@@ -118,7 +118,7 @@ def ship(out: Path, target: Target, lat: Any, job: PruneJob, seed: int, progress
     tuned = lat.mode == "tuned" and lat.db is not None
     opts = CompileOptions(
         tune_trials=lat.trials if tuned else 0,
-        tuning_db=Path(lat.db) if tuned else None,
+        tuning_db=Path(lat.db) if tuned and lat.db is not None else None,
         protocol=job.protocol,
         seed=seed,
         device_check=job.measure,
@@ -196,7 +196,7 @@ def prune_model(
         )
     if job.budget_ms <= 0:
         raise PruneError(f"the latency budget must be positive, got {job.budget_ms} ms")
-    data = load_data(meta, job.dataset, tuple(net.input_shape[1:]))
+    data = load_data(meta, job.dataset, net.input_shape[1:])
     out = Path(job.out)
     if out.resolve() == Path(job.model).resolve():
         raise PruneError("--out must differ from --model: the original model is kept unchanged")

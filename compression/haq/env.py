@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -195,7 +195,11 @@ class HAQEnv:
     def derive(self, bits: Sequence[Sequence[int]]) -> QuantPolicy:
         """What the target executes for raw per-layer bits (int8 and fp16 only where faster)."""
         return QuantPolicy.derive(
-            self.blocks, [tuple(b) for b in bits], self.menu, self.int8_blocks, self.fp16_blocks
+            self.blocks,
+            [cast(tuple[int, int], tuple(b)) for b in bits],
+            self.menu,
+            self.int8_blocks,
+            self.fp16_blocks,
         )
 
     def min_cost_policy(self) -> QuantPolicy:

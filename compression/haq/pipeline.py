@@ -278,7 +278,7 @@ def quantize_model(
     net, meta = load_model(model_dir)
     if meta.quantized:
         raise CodesignError(f"{model_dir} is already quantised; give the float model directory")
-    data = load_dataset(dataset, tuple(net.input_shape[1:]), seed=cfg.seed)
+    data = load_dataset(dataset, net.input_shape[1:], seed=cfg.seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     prep = prepare(net, data, target, out / "lut.sqlite", cfg, progress=progress)

@@ -44,6 +44,7 @@ def int_conv(q: np.ndarray, lp: LayerParams) -> np.ndarray:
 
 
 def _scale(lp: LayerParams) -> np.ndarray:
+    assert lp.w_scale is not None  # a quantized layer's
     return np.float32(lp.a_scale) * lp.w_scale.astype(np.float32)
 
 
