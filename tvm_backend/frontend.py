@@ -325,12 +325,14 @@ def _check_torch_ops(program: Any, label: str) -> tuple[tuple[str, int], ...]:
 
 
 def _export(module: Any, shape: tuple[int, ...], label: str) -> Any:
+    """`module` (in eval mode already: an exported program's module refuses .eval()) exported
+    at `shape` and decomposed to core ATen, as the Relax importer translates it."""
     import torch
 
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.export.export(module.eval(), (torch.zeros(shape),)).run_decompositions()
+            return torch.export.export(module, (torch.zeros(shape),)).run_decompositions()
     except Exception as err:  # noqa: BLE001 - torch.export raises many types
         raise ModelImportError(f"torch.export could not export {label}: {err}") from None
 
@@ -410,7 +412,13 @@ def _import_program(
     module = program.module()
     if shape is None and own is None:
         _concrete_shape(label, user[0].name, dims, None)  # raises: dynamic dims need a shape
-    if shape is not None and shape != own:
+    if own is not None and shape is not None and shape != own:
+        raise ModelImportError(
+            f"{label} was exported for input {'x'.join(map(str, own))}, not "
+            f"{'x'.join(map(str, shape))}: drop --input-shape, or export it again at that shape "
+            "(or with dynamic_shapes) with torch.export.export"
+        )
+    if shape is not None and own is None:  # dynamic dims: made concrete by the given shape
         program = _export(module, shape, label)
     else:
         program = program.run_decompositions()

@@ -237,3 +237,44 @@ def test_dynamic_onnx_needs_an_input_shape(tinynet, tmp_path: Path, capsys) -> N
         import_model(path, input_shape=(1, 4, 16, 16))  # 3 channels are fixed
     imported = import_model(path, input_shape=SHAPE)
     assert imported.input.shape == SHAPE and imported.input.name == "image"
+
+
+def test_import_refusals_say_what_to_do(tinynet, tmp_path: Path) -> None:
+    """A factory that does not import, weights beside a self-contained file, a module without a
+    shape, an unknown file kind: each a ModelImportError naming the fix, before any compile."""
+    import torch
+
+    with pytest.raises(ModelImportError, match="PYTHONPATH"):
+        import_model("no_such_module_xyz:make", input_shape=SHAPE)
+    with pytest.raises(ModelImportError, match="state_dict"):
+        bad = tmp_path / "bad.pt"
+        torch.save({"nope": torch.zeros(1)}, bad)
+        import_model("codesign_tinynet:make", weights=bad, input_shape=SHAPE)
+    with pytest.raises(ModelImportError, match="--weights is for module:factory"):
+        import_model(tmp_path / "x.onnx", weights=tmp_path / "w.pt")
+    with pytest.raises(ModelImportError, match="--input-shape"):
+        import_model(tinynet.make())
+    with pytest.raises(ModelImportError, match="give an .onnx file"):
+        import_model(tmp_path / "model.bin")
+
+
+def test_exported_program_shapes(tinynet, tmp_path: Path) -> None:
+    """A static .pt2 keeps its own shape (another one is refused: its guards fix it); dynamic
+    dimensions need --input-shape and are made concrete by it."""
+    import torch
+    from torch.export import Dim
+
+    static, dynamic = tmp_path / "static.pt2", tmp_path / "dynamic.pt2"
+    x = torch.zeros(SHAPE)
+    torch.export.save(torch.export.export(tinynet.make(), (x,)), str(static))
+    assert import_model(static).input.shape == SHAPE
+    with pytest.raises(ModelImportError, match="exported for input 1x3x16x16"):
+        import_model(static, input_shape=(1, 3, 24, 24))
+    dims = {"x": {2: 8 * Dim("h8", min=1, max=8), 3: 8 * Dim("w8", min=1, max=8)}}
+    torch.export.save(torch.export.export(tinynet.make(), (x,), dynamic_shapes=dims), str(dynamic))
+    with pytest.raises(ModelImportError, match="dynamic dimensions.*--input-shape"):
+        import_model(dynamic)
+    imported = import_model(dynamic, input_shape=(1, 3, 24, 24))
+    assert imported.input.shape == (1, 3, 24, 24) and imported.source_sha256 is not None
+    params = imported.mod["main"].params
+    assert [int(d) for d in params[0].ty.shape] == [1, 3, 24, 24]
