@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -73,7 +74,7 @@ def main() -> None:
     shape = (1, 3, size, size)
     target = parse_target(args.target)
     threads = target.threads
-    work = Path(tempfile.mkdtemp(prefix="compile-onnx-"))
+    work = Path(tempfile.mkdtemp(prefix=f"compile-onnx-{os.getpid()}-"))
     onnx_path = export_onnx(mobilenet_v2(), shape, work / "mobilenet_v2.onnx")
     out = work / "mobilenet_v2.tar"
     cmd = [sys.executable, "-m", "codesign.cli.main", "compile", "--model", str(onnx_path),
@@ -155,3 +156,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    for leftover in Path(tempfile.gettempdir()).glob(f"compile-onnx-{os.getpid()}-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
