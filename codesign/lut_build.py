@@ -256,6 +256,7 @@ def build_lut(
                     b, seed=seed, params_as_input=protocol.cache_flush, target=target
                 )
                 built = compile_module(low, target, database, fused=fused.get(b.key))
+                assert runner is not None  # without a farm: the given or a local runner
                 m = run_steady(runner, built, protocol)
                 interrupt.check()  # a timing cut short by the interrupt is not a failed block
                 table.put(target.key, b, mode, m, prov, tuning_digest=digest)
@@ -269,6 +270,7 @@ def build_lut(
                 bar.update()
         report.seconds["measure"] = time.time() - t0
         if noise_floor and farm is None and space is not None:
+            assert runner is not None  # without a farm: the given or a local runner
             t0 = time.time()
             report.noise_floor = _record_noise_floor(
                 table, space, target, runner, protocol, seed=seed, progress=progress

@@ -6,12 +6,20 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from codesign.arch import Arch
 from codesign.search.objective import SearchError
 from codesign.search.space import SearchSpace
 from codesign.targets import Target
+
+if TYPE_CHECKING:  # annotations only (they import torch or TVM)
+    from codesign.latency.measured import MeasuringLatency
+    from codesign.latency.model import LatencyModel
+    from codesign.measurement import Measurement, MeasureProtocol
+    from codesign.tvm_backend.database import SQLiteDatabase
+
+    LatencyPredictor = LatencyModel | MeasuringLatency  # what the search predicts with
 
 
 def log(msg: str, progress: bool) -> None:
@@ -20,7 +28,7 @@ def log(msg: str, progress: bool) -> None:
 
 
 def ensure_lut(
-    space: SearchSpace, target: Target, db: Path, protocol: Any, progress: bool
+    space: SearchSpace, target: Target, db: Path, protocol: MeasureProtocol, progress: bool
 ) -> float:
     """Measure (untuned) the blocks of `space` on `target` that `db` lacks; returns seconds."""
     from codesign.lut import LatencyTable
@@ -48,7 +56,7 @@ def ensure_lut(
 
 
 def check_model(
-    model: Any, space: SearchSpace, target: Target, db: Path | None, source: str
+    model: LatencyPredictor, space: SearchSpace, target: Target, db: Path | None, source: str
 ) -> None:
     """The latency model must be for `space` and `target`; a tuned one needs its LUT file."""
     if model.space.name != space.name or model.space.digest != space.digest:
@@ -67,7 +75,7 @@ def check_model(
         )
 
 
-def model_identity(model: Any) -> dict[str, Any]:
+def model_identity(model: LatencyPredictor) -> dict[str, Any]:
     """What makes two latency models predict the same (for resumption checks)."""
     import hashlib
 
@@ -109,12 +117,12 @@ def measure_arch(
     space: SearchSpace,
     arch: Arch,
     target: Target,
-    protocol: Any,
+    protocol: MeasureProtocol,
     *,
-    database: Any = None,
+    database: SQLiteDatabase | None = None,
     trials: int = 0,
     seed: int = 0,
-) -> Any:
+) -> Measurement:
     """Compile like the latency model's networks (`compile_network`, with `database` for tuned
     LUTs) and time with `LocalRunner` -> Measurement."""
     from codesign.latency.networks import compile_network
@@ -131,7 +139,9 @@ def measure_arch(
     return m
 
 
-def tuning_database(model: Any, db: Path | None, target: Target) -> Any:
+def tuning_database(
+    model: LatencyPredictor, db: Path | None, target: Target
+) -> SQLiteDatabase | None:
     """The LUT's tuning records when the model's LUT is tuned, else None."""
     if model.mode != "tuned":
         return None

@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -42,6 +42,9 @@ from codesign.tvm_backend.tuning import (
     seed_then_search,
 )
 from codesign.tvm_backend.workers import without_torch
+
+if TYPE_CHECKING:  # annotations only: it imports TVM
+    from codesign.tvm_backend.database import SQLiteDatabase
 
 
 def export_so(mod: Any, cross_cc: str | None) -> str:
@@ -147,7 +150,7 @@ def _guarded_runner(make_inner: Callable[[], Any], farm: FarmSpec, stop: threadi
 def tune_on_farm(
     taskset: TaskSet,
     target: Target,
-    database: Any,
+    database: SQLiteDatabase,
     farm: FarmSpec,
     *,
     trials_per_task: int,

@@ -23,6 +23,8 @@ from codesign.targets import Target, parse_target
 
 if TYPE_CHECKING:
     from codesign.modules import Network
+    from codesign.tvm_backend.database import SQLiteDatabase
+    from codesign.tvm_backend.runner import Runner
 
 
 @dataclass
@@ -40,7 +42,7 @@ def prepare_network(
     target: Target,
     *,
     label: str = "network",
-    database: Any = None,
+    database: SQLiteDatabase | None = None,
     trials: int = 0,
     seed: int = 0,
 ) -> tuple[Any, Any, str]:
@@ -65,7 +67,7 @@ def compile_network(
     target: Target,
     *,
     label: str = "network",
-    database: Any = None,
+    database: SQLiteDatabase | None = None,
     trials: int = 0,
     seed: int = 0,
 ) -> tuple[Any, str]:
@@ -93,7 +95,7 @@ def measure_networks(
     trials: int = 0,
     protocol: MeasureProtocol | None = None,
     seed: int = 0,
-    runner: Any = None,
+    runner: Runner | None = None,
     progress: bool = True,
 ) -> NetworkReport:
     """Measure `archs` whole; valid rows (same provenance, steady samples) are reused, not
