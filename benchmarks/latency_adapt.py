@@ -32,12 +32,10 @@ from codesign.measurement import MeasureProtocol
 
 def measure_target(spec: str, space_name: str, db: Path, n: int, seed: int, out: Path) -> None:
     """In this process: the LUT, `n` sampled networks and the noise floor of `spec`."""
-    from codesign.latency.networks import compile_network, measure_networks, sample_archs
+    from codesign.latency.networks import measure_networks, sample_archs
     from codesign.lut_build import build_lut
-    from codesign.modules import build_network
     from codesign.search.space import get_space
     from codesign.targets import parse_target
-    from codesign.tvm_backend.runner import LocalRunner
 
     space, target, protocol = get_space(space_name), parse_target(spec), MeasureProtocol.quick()
     t0 = time.time()
@@ -46,18 +44,10 @@ def measure_target(spec: str, space_name: str, db: Path, n: int, seed: int, out:
     archs = sample_archs(space, n, seed)
     rep = measure_networks(space, target, db, archs, protocol=protocol, seed=seed)
     t2 = time.time()
-    built, _ = compile_network(build_network(space, archs[0]), target, label="noise")
-    runner, samples = LocalRunner(), []
-    for _ in range(5):
-        samples.append(runner.run(built, protocol).median_ms)
-        time.sleep(0.5)
-    med = statistics.median(samples)
     out.write_text(
         json.dumps(
             {
-                "target": target.key,
-                "noise_floor": round((max(samples) - min(samples)) / med, 4),
-                "noise_samples_ms": [round(s, 5) for s in samples],
+                **noise(space, target, archs[0]),
                 "measured": rep.measured,
                 "reused": rep.reused,
                 "failed": len(rep.failed),
@@ -66,6 +56,26 @@ def measure_target(spec: str, space_name: str, db: Path, n: int, seed: int, out:
             }
         )
     )
+
+
+def noise(space: Any, target: Any, arch: Any, times: int = 5) -> dict[str, Any]:
+    """One network measured `times` times: its relative spread (max - min) / median."""
+    from codesign.latency.networks import compile_network
+    from codesign.modules import build_network
+    from codesign.tvm_backend.runner import LocalRunner
+
+    built, _ = compile_network(build_network(space, arch), target, label="noise")
+    runner, samples = LocalRunner(), []
+    for _ in range(times):
+        samples.append(runner.run(built, MeasureProtocol.quick()).median_ms)
+        time.sleep(0.5)
+    med = statistics.median(samples)
+    return {
+        "target": target.key,
+        "space": space.name,
+        "noise_floor": round((max(samples) - min(samples)) / med, 4),
+        "noise_samples_ms": [round(s, 5) for s in samples],
+    }
 
 
 def _measure_in_child(spec: str, space: str, n: int, args: Any, side: Path) -> dict[str, Any]:
@@ -80,6 +90,8 @@ def _measure_in_child(spec: str, space: str, n: int, args: Any, side: Path) -> d
 
 
 def uncertainty(model: Any, archs: list, meas: np.ndarray) -> dict[str, Any]:
+    if not archs:
+        return {"n": 0}
     preds = [model.predict_with_uncertainty(a) for a in archs]
     rel = np.array([p.ms for p in preds]) / meas - 1
     conf = np.array([p.confident for p in preds])
@@ -89,19 +101,29 @@ def uncertainty(model: Any, archs: list, meas: np.ndarray) -> dict[str, Any]:
         "misses": int(miss.sum()),
         "flagged_share_of_misses": float(np.mean(~conf[miss])) if miss.any() else 1.0,
         "confident_share": float(conf.mean()),
-        "confident_within10": float(np.mean(~miss[conf])) if conf.any() else float("nan"),
+        "confident_within10": float(np.mean(~miss[conf])) if conf.any() else None,
         "mean_rel_uncertainty": float(np.mean([p.rel_uncertainty for p in preds])),
     }
 
 
 def _r(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
+    def one(v: Any) -> Any:  # JSON has no NaN: None
+        if isinstance(v, float):
+            return round(v, 4) if np.isfinite(v) else None
+        return v
+
+    return {k: one(v) for k, v in d.items()}
 
 
 def run_adapt(args: Any, machine: dict[str, Any]) -> dict[str, Any]:
     from codesign.latency.adapt import adapt_latency_model, spearman
     from codesign.latency.calibrate import fit_ridge, space_scales, z_features
-    from codesign.latency.fit import fit_latency_model, measured_networks, space_features
+    from codesign.latency.fit import (
+        fit_latency_model,
+        host_noise_floor,
+        measured_networks,
+        space_features,
+    )
     from codesign.latency.model import LatencyModel
     from codesign.latency.networks import sample_archs
     from codesign.latency.regress import metrics
@@ -112,10 +134,17 @@ def run_adapt(args: Any, machine: dict[str, Any]) -> dict[str, Any]:
     n, dn = args.networks or 40, args.adapt_networks
     src, dst = parse_target(args.source), parse_target(args.adapt_to)
     db = args.db_path
-    side = {
-        "source": _measure_in_child(src.spec, space.name, n, args, Path(f"{db}.src.json")),
-        "new": _measure_in_child(dst.spec, dspace.name, dn, args, Path(f"{db}.new.json")),
-    }
+    if args.no_measure:  # networks measured earlier: only the noise floors now (same threads)
+        side = {
+            "source": noise(space, src, sample_archs(space, 1, args.seed)[0]),
+            "new": noise(dspace, dst, sample_archs(dspace, 1, args.seed)[0]),
+        }
+    else:
+        side = {
+            "source": _measure_in_child(src.spec, space.name, n, args, Path(f"{db}.src.json")),
+            "new": _measure_in_child(dst.spec, dspace.name, dn, args, Path(f"{db}.new.json")),
+        }
+    side["lut_noise_floor"] = host_noise_floor(db, dst.key, "untuned")
 
     def data(sp, target, count):
         want = [a.encode() for a in sample_archs(sp, count, args.seed)]
@@ -163,6 +192,9 @@ def run_adapt(args: Any, machine: dict[str, Any]) -> dict[str, Any]:
     scale = space_scales(base.schema, space_features(base, dspace))
     adapt = []
     for k in (5, 10, 20):
+        if len(d_archs) < k + 3:
+            adapt.append({"n_target": k, "skipped": f"{len(d_archs)} networks on the new target"})
+            continue
         res = adapt_latency_model(
             source=source, db=db, target=dst, space=dspace, archs=d_archs[:k], measure=False,
             noise_floor=side["new"]["noise_floor"], allow_noisy=True,
@@ -191,6 +223,9 @@ def run_adapt(args: Any, machine: dict[str, Any]) -> dict[str, Any]:
         )
     result["adapt"] = adapt
     ten = next(a for a in adapt if a["n_target"] == 10)
+    if "skipped" in ten:
+        result["machine"] = machine
+        return result
     result["uncertainty"] = {
         "of": "adapted model, N = 10, held-out networks of the new target",
         "flagged_share_of_misses": ten["uncertainty"]["flagged_share_of_misses"],

@@ -74,6 +74,9 @@ def main() -> int:
     ap.add_argument("--adapt-to", default="x86:threads=1", help="--adapt: the new target")
     ap.add_argument("--adapt-space", default="tiny-w2", help="--adapt: the new space")
     ap.add_argument("--adapt-networks", type=int, default=64, help="--adapt: new networks")
+    ap.add_argument(
+        "--no-measure", action="store_true", help="--adapt: use the networks measured so far"
+    )
     ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # --adapt's child
     ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -90,7 +93,7 @@ def main() -> int:
             return 0
         result = latency_adapt.run_adapt(args, machine())
         write_result("latency_model_adapt", result)
-        print(json.dumps({k: result[k] for k in ("demo", "adapt", "uncertainty", "goals")}))
+        print(json.dumps({k: result.get(k) for k in ("demo", "adapt", "uncertainty", "goals")}))
         return 0
     space = get_space(args.space or ("tiny" if args.quick else "proxyless"))
     n = args.networks or (60 if args.quick else 160)

@@ -260,6 +260,7 @@ class LatencyModel:
             term = (probs * torch.as_tensor(table, dtype=probs.dtype, device=probs.device)).sum(-1)
             total = term if total is None else total + term
         a, b = self.calibration
+        assert total is not None  # a space has at least one searchable layer
         return a * (total + self.fixed_ms()) + b
 
     # ---------------------------------------------------------------- persistence
