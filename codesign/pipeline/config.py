@@ -55,6 +55,9 @@ class LutConfig:
 class LatencyConfig:
     networks: int = 24
     test_fraction: float = 0.33
+    # keep a model whose held-out error is of the size of the host's measurement noise (the
+    # report shows the noise floor; the shipped network is measured anyway); false refuses it
+    allow_noisy: bool = True
     # search / AMC: measure up to this many candidates whose prediction is uncertain near the
     # budget instead of trusting it (codesign.latency.measured); 0: predictions only
     measure_uncertain: int = 0
@@ -249,6 +252,10 @@ def _check_types(cfg: PipelineConfig) -> None:
                     raise ConfigError(f"{where} must be a list of strings, got {value!r}")
                 continue
             base = kind.removesuffix(" | None")
+            if base == "bool":
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{where} must be true or false, got {value!r}")
+                continue
             ok = _TYPES.get(base, (object,))
             if isinstance(value, bool) or not isinstance(value, ok):
                 want = {"int": "an integer", "float": "a number", "str": "a string"}.get(base, base)

@@ -154,6 +154,14 @@ def _markdown(cfg: PipelineConfig, s: dict[str, Any], figs: dict[str, Path], out
             _table(["method", "RMSPE %", "MAPE %", "±5 %", "±10 %"], rows),
             "",
         ]
+        noise = lat["fit"].get("noise_floor")
+        if noise:
+            lines += [
+                f"Noise floor of this host: one network measured repeatedly spreads by "
+                f"{noise * 100:.1f}%; held-out errors of that size are measurement noise as much "
+                "as model error ([latency] allow_noisy = false refuses such a model).",
+                "",
+            ]
         if "scatter" in rel:
             lines += [f"![latency model]({rel['scatter']})", ""]
     else:

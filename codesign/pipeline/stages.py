@@ -107,6 +107,7 @@ def stage_latency(
         test_fraction=cfg.latency.test_fraction,
         seed=cfg.task.seed,
         trials=cfg.lut.trials,
+        allow_noisy=cfg.latency.allow_noisy,
     )
     model.save(path)
     test_archs, meas, preds = held_out(model, db)

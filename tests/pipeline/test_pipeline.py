@@ -42,6 +42,7 @@ def test_default_config_round_trips_through_toml(tmp_path: Path) -> None:
         ({"compress": {"methods": ["haq", "amc"]}}, "amc must come before haq"),
         ({"compress": {"methods": ["amc", "amc"]}}, "lists a method twice"),
         ({"compress": {"methods": "amc,haq"}}, "unknown method"),
+        ({"latency": {"allow_noisy": 1}}, r"\[latency\] allow_noisy must be true or false"),
         ({"compress": {"methods": 5}}, r"\[compress\] methods must be a list of strings"),
         ({"search": {"baselines": 5}}, r"\[search\] baselines must be a list of strings"),
         ({"compress": {"methods": ["amc"], "method": "amc"}}, "keep only `methods`"),
