@@ -118,7 +118,7 @@ def test_expected_is_differentiable_and_matches_lut_sum(measured, tiny, x86) -> 
 
 def test_fit_save_load_and_provenance_refusal(measured, tiny, x86, tmp_path: Path) -> None:
     db, archs = measured
-    model, report = fit_latency_model(db, tiny, x86, test_fraction=0.3, seed=0)
+    model, report = fit_latency_model(db, tiny, x86, test_fraction=0.3, seed=0, allow_noisy=True)
     assert report.n_train + report.n_test == NETS
     # the residual form with the lowest cross-validated error wins, "none" (LUT sum) included
     assert set(report.cv_rmspe) == {"diff", "logratio", "ridge", "none"}
@@ -196,6 +196,7 @@ def test_cli_fit_eval_predict(measured, tmp_path: Path, x86) -> None:
         "5",
         "--min-repeat-ms",
         "5",
+        "--allow-noisy",  # a loaded test host may record a large noise floor
     )
     assert r.returncode == 0, r.stderr
     assert f"{NETS - steady} measured, {steady} reused" in r.stdout and "lut_xgb" in r.stdout
