@@ -154,6 +154,7 @@ def test_compile_for_cuda_without_a_gpu_advises_no_device(tmp_path: Path, capsys
 
     if tvm.cuda(0).exist:
         pytest.skip("this machine has a CUDA device")
+    (tmp_path / "m").mkdir()  # a model directory: the target is checked before its files
     rc, err = _main(
         capsys, "compile", "--model", str(tmp_path / "m"), "--target", "cuda:arch=sm_80",
         "--out", str(tmp_path / "m.tar"), "--no-progress",
