@@ -163,7 +163,8 @@ class Supervisor:
         if m.restarts >= self.cfg.retries.max_restarts:
             if not m.failed:
                 m.failed, m.health = True, "failed"
-                m.proc and m.proc.kill_tree()
+                if m.proc:
+                    m.proc.kill_tree()
                 append_event(
                     self.state_dir,
                     "failure",
@@ -182,7 +183,8 @@ class Supervisor:
         for name in list(self.servers):
             if name not in wanted:
                 m = self.servers.pop(name)
-                m.proc and m.proc.kill_tree()
+                if m.proc:
+                    m.proc.kill_tree()
         for name, (g, port) in wanted.items():
             if name not in self.servers:
                 m = self.servers[name] = self._server_proc(g, name, port)
