@@ -60,6 +60,7 @@ def test_run_refuses_a_missing_input_without_importing_tvm(tmp_path: Path) -> No
         "print(rc, 'tvm' in sys.modules, 'torch' in sys.modules)"
     )
     t0 = time.monotonic()
+    # a fresh process: the test checks that TVM and torch were never imported
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path
     )
@@ -197,6 +198,7 @@ def test_pipeline_refuses_a_bad_config_within_two_seconds(tmp_path: Path) -> Non
     cfg = tmp_path / "c.toml"
     cfg.write_text('[search]\nepochs = "six"\n')
     t0 = time.monotonic()
+    # a fresh process: the time limit includes starting the command
     out = subprocess.run(
         [sys.executable, "-m", "codesign.cli.main", "pipeline", "--config", str(cfg), "--out",
          str(tmp_path / "out"), "--no-progress"],
@@ -222,6 +224,7 @@ def test_sigint_to_the_process_alone_stops_lut_build_and_keeps_rows(tmp_path: Pa
 
     db = tmp_path / "lut.sqlite"
     argv = ["lut", "build", "--space", "tiny", "--target", "x86", "--db", str(db)]
+    # a process of its own: the test sends it SIGINT
     proc = subprocess.Popen(
         [sys.executable, "-m", "codesign.cli.main", *argv, "--no-progress",
          "--repeat", "3", "--min-repeat-ms", "20"],
@@ -270,6 +273,7 @@ def test_a_swallowed_interrupt_still_stops_the_process(tmp_path: Path) -> None:
         "            pass\n"
     )
     env = {**__import__("os").environ, "CODESIGN_INTERRUPT_GRACE_S": "1"}
+    # a process of its own: the test sends it SIGINT
     proc = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=env,
@@ -311,6 +315,7 @@ def test_targets_and_help_answer_without_loading_tvm_or_torch(tmp_path: Path, mo
         "print(json.dumps(['tvm' in sys.modules, 'torch' in sys.modules]), file=sys.stderr)\n"
     )
     t0 = time.monotonic()
+    # a fresh process: the test checks that TVM and torch were never imported
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
     )

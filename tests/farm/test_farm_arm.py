@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import run_cli
 from farm_helpers import farm_config, free_ports
 
 from codesign.farm.arm_emulator import ArmRootfs, ensure_rootfs, missing_tools
@@ -85,19 +84,14 @@ def test_lut_build_cli_on_emulated_arm(arm_farm, tmp_path: Path) -> None:
     marked emulated; tuning on the emulator is refused with a clear error."""
     db = tmp_path / "arm.sqlite"
     target = f"arm:key=arm64,tracker={arm_farm.tracker},threads=1"
-    env = {**os.environ, "CODESIGN_FARM_DIR": str(arm_farm.state_dir)}
-    cmd = [sys.executable, "-m", "codesign.cli.main", "lut", "build", "--space", "tiny"]
+    env = {"CODESIGN_FARM_DIR": str(arm_farm.state_dir)}
+    cmd = ["lut", "build", "--space", "tiny"]
     cmd += ["--target", target, "--db", str(db), "--limit", "2", "--repeat", "2"]
     cmd += ["--min-repeat-ms", "5", "--no-progress"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    out = run_cli(*cmd, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 measured" in out.stdout
-    show = subprocess.run(
-        [sys.executable, "-m", "codesign.cli.main", "lut", "show", "--db", str(db), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    show = run_cli("lut", "show", "--db", str(db), "--json")
     entries = json.loads(show.stdout)["entries"]
     assert len(entries) == 2
     for e in entries:
@@ -105,5 +99,5 @@ def test_lut_build_cli_on_emulated_arm(arm_farm, tmp_path: Path) -> None:
         assert e["provenance"]["emulated"] is True
         assert "(emulated)" in e["provenance"]["host"]
         assert e["provenance"]["target_json"].find("aarch64") >= 0
-    tuned = subprocess.run([*cmd, "--trials", "2"], capture_output=True, text=True, env=env)
+    tuned = run_cli(*cmd, "--trials", "2", env=env)
     assert tuned.returncode == 2 and "emulated" in tuned.stderr
