@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run `codesign argv` (default: sys.argv[1:]) and return its exit code: 0, 2 for bad input
+    (the message on stderr), 130 when interrupted. argparse's own exits (usage errors, --help,
+    --version) raise SystemExit with their code, as in any argparse program."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
