@@ -14,6 +14,10 @@ from codesign.compression.quant.policy import QuantPolicy
 from codesign.compression.quant.qat import QATConfig
 from codesign.modules import Network, init_weights
 
+# the module fixtures measure every block at every precision of the menu and the tests search
+# and evaluate whole quantized networks (minutes on 2 cores): not in `make test-fast`
+pytestmark = pytest.mark.network
+
 BLOCKS = (
     BlockSpec("conv", 3, 1, 16, 2, 16, 16),
     BlockSpec.mb(3, 2, 16, 16, 1, 8),
