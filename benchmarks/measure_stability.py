@@ -8,7 +8,10 @@ per cell, in interleaved rounds: protocol (old | new) x condition (idle: after 0
 after torch: right after 1 s of PyTorch training in this process). Per cell it reports the
 median latency, the repeat spread of the medians ((p90 - p10) / median and std / mean: what a
 LUT entry would differ by if measured again), the within-run sample cv, how many runs the
-protocol called steady, and the seconds spent. `after/idle` is the bias torch work leaves.
+protocol called steady, the share of the wall time this process's threads waited for a CPU
+(schedstat run delay: the load), and the seconds spent. `after/idle` is the bias torch work
+leaves. `steady_but_wrong` counts runs called steady whose median is > 25% above the module's
+best median of the whole run (load only adds time: the best is the closest to a quiet device).
 
 old: one time_evaluator run of 10 x 50 ms windows, repeated up to 3 times while cv > 5%,
      the steadiest kept (run_steady before this change);
@@ -20,6 +23,7 @@ Writes benchmarks/results/measure_stability.json (measure_stability_quick.json w
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -105,18 +109,22 @@ def modules(quick: bool) -> dict[str, object]:
     return out
 
 
-def cell_stats(runs: list[tuple[Measurement, float]]) -> dict[str, object]:
+def cell_stats(runs: list[tuple[Measurement, float, float]], best: float) -> dict[str, object]:
     from codesign.tvm_backend.runner import relative_spread
 
-    meds = [m.median_ms for m, _ in runs]
+    meds = [m.median_ms for m, _, _ in runs]
+    steady = [m for m, _, _ in runs if m.steady(0.05)]
     return {
         "median_ms": round(statistics.median(meds), 5),
         "spread_p90_p10": round(relative_spread(meds), 4),
         "spread_std_mean": round(statistics.pstdev(meds) / statistics.fmean(meds), 4),
-        "within_run_cv": round(statistics.median(m.cv for m, _ in runs), 4),
-        "steady_runs": sum(m.steady(0.05) for m, _ in runs),
+        "within_run_cv": round(statistics.median(m.cv for m, _, _ in runs), 4),
+        "steady_runs": len(steady),
+        "steady_but_wrong": sum(m.median_ms > 1.25 * best for m in steady),
+        "unconverged_runs": sum(not m.converged for m, _, _ in runs),
         "runs": len(runs),
-        "seconds_per_run": round(statistics.fmean(s for _, s in runs), 3),
+        "waited_share": round(statistics.fmean(w for _, _, w in runs), 3),
+        "seconds_per_run": round(statistics.fmean(s for _, s, _ in runs), 3),
         "medians_ms": [round(x, 5) for x in meds],
     }
 
@@ -136,7 +144,7 @@ def main() -> int:
         "old": lambda b: old_protocol(b, PROTOCOL),
         "new": lambda b: run_steady(runner, b, PROTOCOL),
     }
-    runs: dict[tuple[str, str, str], list[tuple[Measurement, float]]] = {}
+    runs: dict[tuple[str, str, str], list[tuple[Measurement, float, float]]] = {}
     waited0, t_start = run_delay_s(), time.time()
     for r in range(repeats):
         for cond in ("idle", "after_torch"):
@@ -146,20 +154,27 @@ def main() -> int:
                         time.sleep(0.5)
                     else:
                         torch_work(1.0)
-                    t0 = time.time()
+                    waited, t0 = run_delay_s(), time.time()
                     m = measure(b)
-                    runs.setdefault((name, proto, cond), []).append((m, time.time() - t0))
+                    dt = time.time() - t0
+                    share = (run_delay_s() - waited) / dt
+                    runs.setdefault((name, proto, cond), []).append((m, dt, share))
         print(f"round {r + 1}/{repeats} done ({time.time() - t_start:.0f} s)", flush=True)
     wall = time.time() - t_start
     rows = []
+    best = {
+        name: min(m.median_ms for (n, _, _), cell in runs.items() if n == name for m, _, _ in cell)
+        for name in built
+    }
     print(f"\n{'module':<34} {'proto':<5} {'cond':<12} {'median':>9} {'p90-p10':>8} "
-          f"{'std/mean':>8} {'cv':>6} {'steady':>6} {'s/run':>6}")  # fmt: skip
+          f"{'std/mean':>8} {'cv':>6} {'steady':>6} {'wrong':>5} {'waited':>6} {'s/run':>6}")  # fmt: skip
     for (name, proto, cond), cell in runs.items():
-        s = cell_stats(cell)
+        s = cell_stats(cell, best[name])
         rows.append({"module": name, "protocol": proto, "condition": cond, **s})
         print(f"{name[:34]:<34} {proto:<5} {cond:<12} {s['median_ms']:>9.4f} "
               f"{s['spread_p90_p10']:>8.3f} {s['spread_std_mean']:>8.3f} "
               f"{s['within_run_cv']:>6.3f} {s['steady_runs']:>3}/{s['runs']:<2} "
+              f"{s['steady_but_wrong']:>5} {s['waited_share']:>6.2f} "
               f"{s['seconds_per_run']:>6.2f}")  # fmt: skip
     summary = {}
     for proto in protocols:
@@ -174,12 +189,17 @@ def main() -> int:
             "median_spread_std_mean": round(statistics.median(x["spread_std_mean"] for x in mine), 4),
             "after_torch_over_idle": [round(b, 3) for b in bias],
             "steady_fraction": round(sum(x["steady_runs"] for x in mine) / sum(x["runs"] for x in mine), 3),
+            "steady_but_wrong": sum(x["steady_but_wrong"] for x in mine),
+            "unconverged_runs": sum(x["unconverged_runs"] for x in mine),
+            "runs": sum(x["runs"] for x in mine),
             "seconds_per_run": round(statistics.fmean(x["seconds_per_run"] for x in mine), 3),
         }  # fmt: skip
     for proto, s in summary.items():
         print(f"{proto}: spread (p90-p10)/median {s['median_spread_p90_p10']:.3f}, std/mean "
               f"{s['median_spread_std_mean']:.3f}, after-torch/idle {s['after_torch_over_idle']}, "
-              f"steady {s['steady_fraction']:.0%}, {s['seconds_per_run']:.2f} s/run")  # fmt: skip
+              f"steady {s['steady_fraction']:.0%} ({s['steady_but_wrong']} of {s['runs']} runs "
+              f"steady but > 25% above the best), said unconverged {s['unconverged_runs']}, "
+              f"{s['seconds_per_run']:.2f} s/run")  # fmt: skip
     old, new = summary["old"], summary["new"]
     ratio = old["median_spread_p90_p10"] / max(new["median_spread_p90_p10"], 1e-9)
     print(f"spread old/new: {ratio:.2f}x")
@@ -187,6 +207,7 @@ def main() -> int:
         "measure_stability_quick" if args.quick else "measure_stability",
         {
             "machine": info,
+            "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
             "run_delay_share": round((run_delay_s() - waited0) / wall, 3),
             "protocol": PROTOCOL.to_dict(),
             "repeats": repeats,
