@@ -97,6 +97,7 @@ def _x(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(SHAPE).astype("float32")
 
 
+@pytest.mark.network
 def test_cli_compiles_an_onnx_file(onnx_file: Path, tmp_path: Path, capsys) -> None:
     """`codesign compile --model tiny.onnx`: the artifact equals ONNX Runtime on a given and
     random inputs, records the input spec and preprocessing, loads with codesign.load, and the
@@ -132,6 +133,7 @@ def test_cli_compiles_an_onnx_file(onnx_file: Path, tmp_path: Path, capsys) -> N
             assert np.abs(predict(x) - want).max() <= 1e-4
 
 
+@pytest.mark.network
 def test_exported_program_compiles(tinynet, tmp_path: Path) -> None:
     """A .pt2 file (torch.export.save): compiled, equal to PyTorch, loadable."""
     import torch
@@ -150,6 +152,7 @@ def test_exported_program_compiles(tinynet, tmp_path: Path) -> None:
         assert np.abs(predict(x) - net(torch.from_numpy(x)).numpy()).max() <= 1e-4
 
 
+@pytest.mark.network
 def test_factory_with_weights_compiles(tinynet, tmp_path: Path) -> None:
     """'module:factory' + a state_dict: the weights file, not the factory's init, is compiled."""
     import torch

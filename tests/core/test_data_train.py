@@ -62,6 +62,7 @@ def test_unknown_dataset_says_what_to_give() -> None:
         load_dataset("imagenet", (3, 224, 224))
 
 
+@pytest.mark.network
 def test_training_learns_and_is_seeded(tiny, tmp_path: Path) -> None:
     torch.set_num_threads(2)
     data = load_dataset("digits", tiny.input_shape)

@@ -71,6 +71,7 @@ def test_unsteady_runs_are_repeated_and_the_steadiest_kept() -> None:
     assert run_steady(r, None, MeasureProtocol()).error == "device lost" and r.calls == 1
 
 
+@pytest.mark.network
 def test_network_measured_under_load_is_measured_again(tmp_path, tiny, x86) -> None:
     db = tmp_path / "lut.sqlite"
     proto = MeasureProtocol(repeat=5, min_repeat_ms=5)

@@ -41,6 +41,7 @@ def test_block_tvm_equals_torch(spec: BlockSpec, params_as_input: bool, x86) -> 
     np.testing.assert_allclose(run_built(built, x), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.network
 def test_whole_network_tvm_equals_torch(tiny, x86) -> None:
     arch = tiny.sample(random.Random(11))
     net = randomize_bn(build_network(tiny, arch, seed=2), seed=5).eval()
