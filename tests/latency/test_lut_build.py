@@ -89,6 +89,9 @@ def test_tuned_build_shares_tasks_and_stores_records(lut_path: Path, tiny, x86, 
     assert (more.tuned_tasks, more.measured, more.reused) == (1, 1, 2)
 
 
+# ~55 s. The default tier checks that a finished tuning run is not tuned again
+# (test_tuned_build_shares_tasks_and_stores_records: `again`).
+@pytest.mark.slow
 @pytest.mark.tuning
 def test_finished_tasks_are_not_tuned_again_for_their_failed_candidates(
     tmp_path: Path, tiny, x86, quick
@@ -114,6 +117,9 @@ def test_finished_tasks_are_not_tuned_again_for_their_failed_candidates(
     assert third.tuned_tasks > 0
 
 
+# ~35 s. The default tier covers resuming (test_untuned_build_measures_then_reuses) and a stopped
+# build keeping its rows (tests/cli/test_fail_fast.py, SIGINT).
+@pytest.mark.slow
 def test_killed_build_resumes_without_remeasuring(lut_path: Path, tmp_path: Path) -> None:
     cmd = [
         sys.executable,
