@@ -13,7 +13,6 @@ write the archive: model.so, sample input/output, manifest.json (input spec, pre
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ import numpy as np
 
 from codesign.artifact.checks import tolerance_for
 from codesign.artifact.manifest import FORMAT, LIBRARY, WEIGHTS_NOTE, expected_machine
-from codesign.artifact.pack import CompileOptions, _executor, _log, _npy
+from codesign.artifact.pack import CompileOptions, _executor, _log, _npy, latency_record
 from codesign.artifact.verify import Artifact, verify_artifact
 from codesign.errors import ArtifactError, EqualityError, InputError
 from codesign.measurement import MeasureProtocol
@@ -181,26 +180,6 @@ def compare(outs: Sequence[np.ndarray], refs: Sequence[np.ndarray], where: str, 
     return report
 
 
-def _latency(m: Any, opts: CompileOptions, target: Target, executor: Any) -> dict[str, Any]:
-    if not m.ok:
-        raise ArtifactError(f"timing on {executor.where} failed: {m.error}")
-    return {
-        "median_ms": m.median_ms,
-        "mean_ms": m.mean_ms,
-        "std_ms": m.std_ms,
-        "min_ms": m.min_ms,
-        "max_ms": m.max_ms,
-        "repeats": m.repeats,
-        "samples_ms": list(m.samples_ms),
-        "protocol": opts.protocol.to_dict(),
-        "method": "TVM time_evaluator on the shipped library, batch 1",
-        "measured_on": executor.where,
-        "threads": target.threads,
-        "emulated": executor.emulated,
-        "host": socket.gethostname(),
-    }
-
-
 def _peers(imported: Any, executor: Any, x: np.ndarray, threads: int, tmp: Path,
            protocol: MeasureProtocol) -> dict[str, Any]:  # fmt: skip
     """Per-call ms from Python of the compiled library and of ONNX Runtime and OpenVINO on the
@@ -260,7 +239,9 @@ def _build_and_pack(imported: Any, target: Target, out: Path, opts: CompileOptio
             latency = None
             if on_device:
                 t0 = time.time()
-                latency = _latency(executor.time(inputs[0], opts.protocol), opts, target, executor)
+                latency = latency_record(
+                    executor.time(inputs[0], opts.protocol), opts, target, executor
+                )
                 if peers and target.device == "cpu" and not target.is_remote:
                     _log(opts.progress, "timing ONNX Runtime and OpenVINO beside it")
                     peer_info = _peers(imported, executor, inputs[0], target.threads, tmp,

@@ -97,6 +97,30 @@ def _npy(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def latency_record(m: Any, opts: CompileOptions, target: Target, executor: Any) -> dict[str, Any]:
+    """The manifest's latency section: an artifact's timing on `executor` (ArtifactError when
+    the timing failed)."""
+    if not m.ok:
+        raise ArtifactError(f"timing on {executor.where} failed: {m.error}")
+    return {
+        "median_ms": m.median_ms,
+        "mean_ms": m.mean_ms,
+        "std_ms": m.std_ms,
+        "min_ms": m.min_ms,
+        "max_ms": m.max_ms,
+        "repeats": m.repeats,
+        "samples_ms": list(m.samples_ms),
+        "protocol": opts.protocol.to_dict(),
+        "method": "TVM time_evaluator on the shipped library, batch 1; median of `repeat` "
+        "samples, each the mean of >= `number` runs lasting >= `min_repeat_ms`, after one "
+        "warm-up run",
+        "measured_on": executor.where,
+        "threads": target.threads,
+        "emulated": executor.emulated,
+        "host": socket.gethostname(),
+    }
+
+
 def _executor(
     target: Target, lowered: Any, library: Path, tmp: Path, opts: CompileOptions
 ) -> tuple[Executor, contextlib.ExitStack, bool]:
@@ -258,25 +282,7 @@ def compile_artifact(
                 t0 = time.time()
                 m = executor.time(inputs[0], opts.protocol)
                 seconds["measure"] = time.time() - t0
-                if not m.ok:
-                    raise ArtifactError(f"timing on {executor.where} failed: {m.error}")
-                latency = {
-                    "median_ms": m.median_ms,
-                    "mean_ms": m.mean_ms,
-                    "std_ms": m.std_ms,
-                    "min_ms": m.min_ms,
-                    "max_ms": m.max_ms,
-                    "repeats": m.repeats,
-                    "samples_ms": list(m.samples_ms),
-                    "protocol": opts.protocol.to_dict(),
-                    "method": "TVM time_evaluator on the shipped library, batch 1; median of "
-                    "`repeat` samples, each the mean of >= `number` runs lasting >= "
-                    "`min_repeat_ms`, after one warm-up run",
-                    "measured_on": executor.where,
-                    "threads": target.threads,
-                    "emulated": executor.emulated,
-                    "host": socket.gethostname(),
-                }
+                latency = latency_record(m, opts, target, executor)
         files = {
             LIBRARY: library.read_bytes(),
             "sample_input.npy": _npy(inputs[0]),

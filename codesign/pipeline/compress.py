@@ -112,14 +112,8 @@ def quantize(
     resumable DDPG checkpoint); the precision LUT rows go into the pipeline's LUT `db`."""
     from codesign.compression.ddpg import DDPGConfig
     from codesign.compression.haq.env import HAQConfig, HAQEnv
-    from codesign.compression.haq.pipeline import (
-        QuantizeConfig,
-        evaluate_policy,
-        prepare,
-        run_haq,
-    )
+    from codesign.compression.haq.pipeline import QuantizeConfig, prepare, search_and_save
     from codesign.compression.quant.qat import QATConfig
-    from codesign.compression.quant.saved import save_quantized_model
     from codesign.data import load_dataset
     from codesign.measurement import MeasureProtocol
     from codesign.model_dir import load_model
@@ -150,19 +144,11 @@ def quantize(
     floor_ms = probe.cost(probe.min_cost_policy())
     asked_ms = c.haq_budget_fraction * float_ms
     qcfg = replace(qcfg, budget=max(asked_ms, floor_ms))
-    policy, summary = run_haq(prep, qcfg, work / "search.pt", progress=progress)
-    res = evaluate_policy(prep, policy, qcfg.final_qat, qcfg.val_images, qcfg.protocol)
-    qnet, _ = res.pop("qnet"), res.pop("built")
     dest = work / "model"
-    save_quantized_model(
-        dest,
-        qnet,
-        policy,
-        prep.ranges,
-        meta,
-        accuracy=res["acc"],
-        extra={"quantize": {"from": str(model_dir), "target": prep.target.key}},
-    )
+    policy, summary, res = search_and_save(
+        prep, qcfg, checkpoint=work / "search.pt", dest=dest, meta=meta, source=model_dir,
+        progress=progress,
+    )  # fmt: skip
     return {
         "method": "haq",
         "model_dir": str(dest),

@@ -110,7 +110,52 @@ def reachable_ms(
     return env.floor_ms, env.base_ms
 
 
-class AMCEnv:
+def normalized(rows: list[list[float]]) -> np.ndarray:
+    """Each column of a unit embedding scaled to [0, 1] (constant columns to 0)."""
+    x = np.asarray(rows, dtype=np.float64)
+    lo, hi = x.min(axis=0), x.max(axis=0)
+    return ((x - lo) / np.where(hi > lo, hi - lo, 1.0)).astype(np.float32)
+
+
+def wanted_width(action: float, channels: int, options: tuple[int, ...], c: AMCConfig) -> int:
+    """The allowed width nearest the agent's `action` in [0, 1] (mapped to [lbound, rbound])."""
+    ratio = c.lbound + float(np.clip(action, 0.0, 1.0)) * (c.rbound - c.lbound)
+    return min(options, key=lambda o: (abs(o - ratio * channels), o))
+
+
+def taken_action(chosen: int, channels: int, c: AMCConfig) -> float:
+    """The action that `chosen` channels correspond to (the next state's previous action)."""
+    span = max(c.rbound - c.lbound, 1e-9)
+    return float(np.clip((chosen / channels - c.lbound) / span, 0.0, 1.0))
+
+
+def reward_of(acc: float, ms: float, c: AMCConfig) -> float:
+    """AMC's reward: accuracy, or the error weighted by log latency (in microseconds)."""
+    if c.reward == "acc":
+        return acc / 100.0
+    return -(1.0 - acc / 100.0) * math.log(max(ms * 1000.0, 1.0 + 1e-9))
+
+
+class EpisodeState:
+    """The DDPG state of an AMC episode: the current unit's static embedding (`_static`, one
+    row per unit) plus the latency floor reached and the previous action."""
+
+    _static: np.ndarray
+    t: int
+    floor_ms: float
+    base_ms: float
+    prev_action: float
+
+    @property
+    def state_dim(self) -> int:
+        return self._static.shape[1] + 2
+
+    def _state(self) -> np.ndarray:
+        dyn = [min(1.0, self.floor_ms / self.base_ms), self.prev_action]
+        return np.concatenate([self._static[self.t], np.asarray(dyn, dtype=np.float32)])
+
+
+class AMCEnv(EpisodeState):
     """Prune `network` under `budget_ms` as predicted by the latency model `latency`."""
 
     def __init__(
@@ -226,17 +271,7 @@ class AMCEnv:
                     after / total,
                 ]
             )
-        x = np.asarray(rows, dtype=np.float64)
-        lo, hi = x.min(axis=0), x.max(axis=0)
-        return ((x - lo) / np.where(hi > lo, hi - lo, 1.0)).astype(np.float32)
-
-    @property
-    def state_dim(self) -> int:
-        return self._static.shape[1] + 2
-
-    def _state(self) -> np.ndarray:
-        dyn = [min(1.0, self.floor_ms / self.base_ms), self.prev_action]
-        return np.concatenate([self._static[self.t], np.asarray(dyn, dtype=np.float32)])
+        return normalized(rows)
 
     # ---------------------------------------------------------------- episode
     def reset(self) -> np.ndarray:
@@ -259,9 +294,8 @@ class AMCEnv:
             raise PruneError("the episode is over; call reset()")
         u = self.st.units[self.t]
         c = self.config
-        ratio = c.lbound + float(np.clip(action, 0.0, 1.0)) * (c.rbound - c.lbound)
         opts = self.options[u.name]
-        want = min(opts, key=lambda o: (abs(o - ratio * u.channels), o))
+        want = wanted_width(action, u.channels, opts, c)
         chosen, completion = None, None
         for cand in sorted((o for o in opts if o <= want), reverse=True):
             if not self._shortcut_free(self.decided, u.name, cand):
@@ -277,8 +311,7 @@ class AMCEnv:
         self.decided[u.name] = chosen
         self.completion = completion
         self.floor_ms = self.latency(completion)
-        self.prev_action = (chosen / u.channels - c.lbound) / max(c.rbound - c.lbound, 1e-9)
-        self.prev_action = float(np.clip(self.prev_action, 0.0, 1.0))
+        self.prev_action = taken_action(chosen, u.channels, c)
         self.t += 1
         return None if self.done else self._state()
 
@@ -339,8 +372,4 @@ class AMCEnv:
             recalibrate_bn(pruned, self.calibration)
         acc = evaluate(pruned, self.data, self.config.reward_split, limit=self.config.reward_images)
         ms = self.latency(counts)
-        if self.config.reward == "acc":
-            reward = acc / 100.0
-        else:
-            reward = -(1.0 - acc / 100.0) * math.log(max(ms * 1000.0, 1.0 + 1e-9))
-        return {"acc": acc, "latency_ms": ms, "reward": reward}
+        return {"acc": acc, "latency_ms": ms, "reward": reward_of(acc, ms, self.config)}

@@ -27,7 +27,15 @@ from typing import Any, cast
 import numpy as np
 from torch import nn
 
-from codesign.compression.amc.env import AMCConfig, allowed_counts
+from codesign.compression.amc.env import (
+    AMCConfig,
+    EpisodeState,
+    allowed_counts,
+    normalized,
+    reward_of,
+    taken_action,
+    wanted_width,
+)
 from codesign.compression.amc.own_layers import LayerLatency, OwnGraph
 from codesign.compression.amc.policy import PruneError
 from codesign.compression.amc.surgery import recalibrate_bn
@@ -150,7 +158,7 @@ class _Fingerprint:
         self.state_dict = graph.model.state_dict
 
 
-class OwnEnv:
+class OwnEnv(EpisodeState):
     """AMC's environment over torch-pruning groups; the interface amc.search.amc_search drives."""
 
     def __init__(self, graph: OwnGraph, data: Dataset, latency: OwnLatency, budget_ms: float,
@@ -187,17 +195,7 @@ class OwnEnv:
             rows.append([t, u.channels, root.cin, root.kernel[0], root.stride[0], root.h,
                          sum(specs[n].macs() for n in touched), sum(ms[n] for n in touched),
                          sum(ms[n] for n in order[last + 1:]) / total])  # fmt: skip
-        x = np.asarray(rows, dtype=np.float64)
-        lo, hi = x.min(axis=0), x.max(axis=0)
-        return ((x - lo) / np.where(hi > lo, hi - lo, 1.0)).astype(np.float32)
-
-    @property
-    def state_dim(self) -> int:
-        return self._static.shape[1] + 2
-
-    def _state(self) -> np.ndarray:
-        dyn = [min(1.0, self.floor_ms / self.base_ms), self.prev_action]
-        return np.concatenate([self._static[self.t], np.asarray(dyn, dtype=np.float32)])
+        return normalized(rows)
 
     def reset(self) -> np.ndarray:
         self.t, self.decided, self.prev_action = 0, {}, 1.0
@@ -206,9 +204,8 @@ class OwnEnv:
 
     def step(self, action: float) -> np.ndarray | None:
         u, c = self.graph.units[self.t], self.config
-        ratio = c.lbound + float(np.clip(action, 0.0, 1.0)) * (c.rbound - c.lbound)
         opts = self.options[u.name]
-        want = min(opts, key=lambda o: (abs(o - ratio * u.channels), o))
+        want = wanted_width(action, u.channels, opts, c)
         chosen = opts[0]
         for cand in sorted((o for o in opts if o <= want), reverse=True):  # the action wall
             if self.latency(self.smallest({**self.decided, u.name: cand})) <= self.budget_ms:
@@ -216,8 +213,7 @@ class OwnEnv:
                 break
         self.decided[u.name] = chosen
         self.floor_ms = self.latency(self.smallest(self.decided))
-        span = max(c.rbound - c.lbound, 1e-9)
-        self.prev_action = float(np.clip((chosen / u.channels - c.lbound) / span, 0.0, 1.0))
+        self.prev_action = taken_action(chosen, u.channels, c)
         self.t += 1
         return None if self.t >= len(self.graph.units) else self._state()
 
@@ -235,11 +231,7 @@ class OwnEnv:
         acc = evaluate(self.pruned(policy), self.data, self.config.reward_split,
                        limit=self.config.reward_images)  # fmt: skip
         ms = self.latency(policy.as_dict())
-        if self.config.reward == "acc":
-            reward = acc / 100.0
-        else:
-            reward = -(1.0 - acc / 100.0) * math.log(max(ms * 1000.0, 1.0 + 1e-9))
-        return {"acc": acc, "latency_ms": ms, "reward": reward}
+        return {"acc": acc, "latency_ms": ms, "reward": reward_of(acc, ms, self.config)}
 
 
 def uniform_counts(

@@ -260,6 +260,35 @@ def run_haq(
     return res.best.policy, summary
 
 
+def search_and_save(
+    prep: Prepared,
+    cfg: QuantizeConfig,
+    *,
+    checkpoint: Path,
+    dest: Path,
+    meta: Any,
+    source: str | Path,
+    progress: bool = True,
+) -> tuple[QuantPolicy, dict[str, Any], dict[str, Any]]:
+    """HAQ's search (resumable from `checkpoint`), the final QAT and evaluation of the policy
+    found, and the quantised model saved to `dest`: (policy, search summary, evaluation)."""
+    from codesign.compression.quant.saved import save_quantized_model
+
+    policy, summary = run_haq(prep, cfg, checkpoint, progress=progress)
+    res = evaluate_policy(prep, policy, cfg.final_qat, cfg.val_images, cfg.protocol)
+    qnet, _built = res.pop("qnet"), res.pop("built")
+    save_quantized_model(
+        dest,
+        qnet,
+        policy,
+        prep.ranges,
+        meta,
+        accuracy=res["acc"],
+        extra={"quantize": {"from": str(source), "target": prep.target.key}},
+    )
+    return policy, summary, res
+
+
 def quantize_model(
     model_dir: str | Path,
     out: str | Path,
@@ -271,7 +300,6 @@ def quantize_model(
 ) -> dict[str, Any]:
     """The `codesign quantize` command (see module docstring)."""
     from codesign.artifact import CompileOptions, compile_artifact
-    from codesign.compression.quant.saved import save_quantized_model
     from codesign.data import load_dataset
     from codesign.model_dir import load_model
 
@@ -282,19 +310,11 @@ def quantize_model(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     prep = prepare(net, data, target, out / "lut.sqlite", cfg, progress=progress)
-    policy, summary = run_haq(prep, cfg, out / "search.pt", progress=progress)
+    policy, summary, res = search_and_save(
+        prep, cfg, checkpoint=out / "search.pt", dest=out / "model", meta=meta,
+        source=model_dir, progress=progress,
+    )  # fmt: skip
     (out / "policy.json").write_text(json.dumps(policy.to_dict(), indent=2) + "\n")
-    res = evaluate_policy(prep, policy, cfg.final_qat, cfg.val_images, cfg.protocol)
-    qnet, _built = res.pop("qnet"), res.pop("built")
-    save_quantized_model(
-        out / "model",
-        qnet,
-        policy,
-        prep.ranges,
-        meta,
-        accuracy=res["acc"],
-        extra={"quantize": {"from": str(model_dir), "target": prep.target.key}},
-    )
     report = compile_artifact(
         out / "model",
         prep.target,
