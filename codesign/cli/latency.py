@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from codesign.cli.argtypes import check_text_file, non_negative_int, positive_int
+from codesign.cli.argtypes import (
+    add_rpc_timeout,
+    check_text_file,
+    non_negative_int,
+    positive_int,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="sampled networks to measure (already measured ones are reused)",
     )
     p.add_argument("--out", required=True, help="model file to write (JSON)")
+    add_rpc_timeout(p, default=None)  # remote targets: the farm jobs' phases
     p.add_argument(
         "--mode",
         choices=("auto", "tuned", "untuned"),
@@ -85,6 +91,13 @@ def _fit(args: argparse.Namespace) -> int:
     with LatencyTable(args.db) as table:
         mode = resolve_mode(table, space, target.key, args.mode)
     archs = sample_archs(space, args.networks, args.seed)
+    runner = None
+    if target.is_remote and args.rpc_timeout is not None:  # the farm jobs' phases, bounded
+        from codesign.farm.config import load_config
+        from codesign.tvm_backend.runner import Where
+
+        cfg = load_config().with_rpc_timeout(args.rpc_timeout)
+        runner = Where.of_target(target).runner(seed=args.seed, config=cfg)
     rep = measure_networks(
         space,
         target,
@@ -94,6 +107,7 @@ def _fit(args: argparse.Namespace) -> int:
         trials=args.trials,
         protocol=MeasureProtocol(repeat=args.repeat, min_repeat_ms=args.min_repeat_ms),
         seed=args.seed,
+        runner=runner,
         progress=not args.no_progress,
     )
     print(

@@ -104,11 +104,11 @@ def measure_networks(
 
     from codesign.modules import build_network
     from codesign.tvm_backend.build import compile_module
-    from codesign.tvm_backend.runner import STEADY_CV, LocalRunner, run_steady
+    from codesign.tvm_backend.runner import STEADY_CV, Where, run_steady
 
     space, target = get_space(space), parse_target(target)
     protocol = protocol or MeasureProtocol()
-    runner = runner or LocalRunner(seed=seed)
+    runner = runner or Where.of_target(target).runner(seed=seed)  # a remote target: its servers
     report = NetworkReport(len(archs))
     t0 = time.time()
     database = None
