@@ -41,6 +41,7 @@ class TargetConfig:
     targets: tuple[str, ...] = ("x86",)
     latency_ms: float | None = None  # None: derived from the LUT (see pipeline.budget)
     budget_fraction: float = 0.3  # used when latency_ms is None
+    rpc_timeout_s: float | None = None  # remote targets: seconds each RPC phase may take
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +181,8 @@ class PipelineConfig:
             raise ConfigError("[target] latency_ms must be positive")
         if not 0 < self.target.budget_fraction <= 1:
             raise ConfigError("[target] budget_fraction must be in (0, 1]")
+        if self.target.rpc_timeout_s is not None and self.target.rpc_timeout_s <= 0:
+            raise ConfigError("[target] rpc_timeout_s must be positive (seconds)")
         _check_methods(self.compress.methods)
         for key in ("budget_fraction", "haq_budget_fraction"):
             if not 0 < getattr(self.compress, key) <= 1:

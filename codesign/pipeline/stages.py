@@ -47,17 +47,45 @@ def _mode(cfg: PipelineConfig) -> str:
 
 
 # ------------------------------------------------------------------ stages
+def _bounded(cfg: PipelineConfig, target: Any) -> Any:
+    """The FarmConfig bounding every RPC phase by `[target] rpc_timeout_s` when `target` is
+    remote and the key is set; None otherwise (local targets talk to no RPC server)."""
+    from codesign.targets import parse_target
+
+    if cfg.target.rpc_timeout_s is None or not parse_target(target).is_remote:
+        return None
+    from codesign.farm.config import load_config
+
+    return load_config().with_rpc_timeout(cfg.target.rpc_timeout_s)
+
+
+def _network_runner(cfg: PipelineConfig, target: Any) -> Any:
+    """The runner timing whole networks on a remote target under `[target] rpc_timeout_s`;
+    None: measure_networks' own choice (the target's servers, or this machine)."""
+    farm = _bounded(cfg, target)
+    if farm is None:
+        return None
+    from codesign.tvm_backend.runner import Where
+
+    return Where.of_target(target).runner(seed=cfg.task.seed, config=farm)
+
+
 def stage_lut(cfg: PipelineConfig, db: Path, progress: bool = True) -> dict[str, Any]:
     """Measure every block of the space on the search target into the LUT (rows are reused)."""
     from codesign.lut_build import build_lut
+    from codesign.targets import parse_target
+    from codesign.tvm_backend.runner import Where
 
+    target = cfg.target.targets[0]
+    bounded = _bounded(cfg, target)
     rep = build_lut(
         cfg.task.space,
-        cfg.target.targets[0],
+        target,
         db,
         trials=cfg.lut.trials,
         protocol=_protocol(cfg),
         seed=cfg.task.seed,
+        farm=None if bounded is None else Where.of_target(parse_target(target)).farm(bounded),
         progress=progress,
     )
     if rep.failed:
@@ -96,6 +124,7 @@ def stage_latency(
         trials=cfg.lut.trials,
         protocol=_protocol(cfg),
         seed=cfg.task.seed,
+        runner=_network_runner(cfg, target),
         progress=progress,
     )
     model, rep = fit_latency_model(
@@ -227,6 +256,7 @@ def stage_baselines(cfg: PipelineConfig, db: Path, work: Path, progress: bool) -
         trials=cfg.lut.trials,
         protocol=_protocol(cfg),
         seed=cfg.task.seed,
+        runner=_network_runner(cfg, target),
         progress=progress,
     )
     with LatencyTable(db, readonly=True) as table:
@@ -312,6 +342,7 @@ def stage_compile(
             tuning_db=db if trials > 0 or cfg.compile.focus_trials > 0 else None,
             protocol=_protocol(cfg),
             seed=cfg.task.seed,
+            rpc_timeout_s=cfg.target.rpc_timeout_s or CompileOptions.rpc_timeout_s,
             progress=progress,
         ),
     )

@@ -297,3 +297,20 @@ def test_chained_pipeline_interrupted_after_prune_resumes_at_quantize(tmp_path: 
     assert s["artifact"]["latency_ms"] > 0 and 0 <= s["artifact"]["accuracy"] <= 100
     md = res.report_md.read_text()
     assert "| quantize (haq) |" in md and "| shipped artifact (compiled) |" in md
+
+
+def test_rpc_timeout_bounds_a_remote_targets_farm_jobs_and_nothing_local() -> None:
+    from codesign.pipeline.stages import _bounded, _network_runner
+    from codesign.targets import parse_target
+
+    with pytest.raises(ConfigError, match=r"rpc_timeout_s must be positive"):
+        from_dict({"target": {"rpc_timeout_s": 0}}).validate()
+    local = from_dict({"target": {"rpc_timeout_s": 7.0}})
+    assert _bounded(local, "x86") is None  # this machine: no RPC phase to bound
+    arm = "arm:key=rpi4,tracker=127.0.0.1:9190"
+    remote = from_dict({"target": {"targets": [arm], "rpc_timeout_s": 7.0}})
+    farm = _bounded(remote, arm)
+    assert farm.timeouts.request == 7.0 and farm.timeouts.job == 28.0
+    runner = _network_runner(remote, parse_target(arm))
+    assert type(runner).__name__ == "RPCRunner" and runner.config.timeouts.request == 7.0
+    assert _bounded(from_dict({"target": {"targets": [arm]}}), arm) is None  # the farm's own
