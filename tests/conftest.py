@@ -17,9 +17,12 @@ os.environ["TVM_NUM_THREADS"] = str(host_threads())
 # Nor on (or into) the user's cache: the tuning cache and the detected host CPU go to a
 # directory of this test run (CLI subprocesses inherit it).
 if "CODESIGN_TEST_KEEP_CACHE" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["CODESIGN_CACHE_DIR"] = tempfile.mkdtemp(prefix="codesign-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["CODESIGN_CACHE_DIR"], ignore_errors=True)
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 REPO = Path(__file__).resolve().parents[1]

@@ -160,6 +160,7 @@ def test_frozen_server_hits_deadline_and_is_quarantined(tmp_path: Path, cfg, tin
     assert not victim.alive
 
 
+@pytest.mark.slow  # ~40 s; test_scheduler_waits_for_lost_tracker covers a lost tracker by default
 def test_tracker_outage_longer_than_server_retry_window(tmp_path: Path, cfg, tiny, x86) -> None:
     """The tracker is down longer than the servers' reconnect window (4 s here, TVM's 60 s in
     production): the servers stay up but never re-register. The supervisor (paused meanwhile,

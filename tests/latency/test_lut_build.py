@@ -62,6 +62,7 @@ def test_bigger_blocks_measure_slower(lut_path: Path, tiny, x86, quick) -> None:
 
 
 @pytest.mark.tuning
+@pytest.mark.slow  # ~40 s; test_compile_applies_the_lut_tuning_records tunes a LUT by default
 def test_tuned_build_shares_tasks_and_stores_records(lut_path: Path, tiny, x86, quick) -> None:
     layer = tiny.layers()[3]  # 24->24, 7x7: k3e3 and k5e3 share the 1x1 expand/project tasks
     blocks = [layer.block("k3e3"), layer.block("k5e3")]

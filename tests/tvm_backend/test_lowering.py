@@ -71,6 +71,7 @@ def test_cuda_compiles_without_a_gpu() -> None:
 
 
 @pytest.mark.tuning
+@pytest.mark.slow  # ~30 s; prepacked tuned kernels also run in test_compile_applies_the_lut_tuning_records
 def test_tuned_kernels_read_prepacked_weights_in_both_weight_forms(tmp_path, x86) -> None:
     """Tuned x86 convolutions rewrite their weight layout; the rewrite runs once at compile
     time (not in every call), and embedded and runtime-input weights share the same tasks."""

@@ -110,6 +110,7 @@ def test_seeds_are_measured_once_and_compute_what_pytorch_computes(
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # ~25 s; test_seeds_are_measured_once_and_compute_what_pytorch_computes seeds by default
 def test_tuning_spends_half_its_budget_on_seeds(block_tasks, x86) -> None:
     from codesign.tvm_backend.tuning import tune
 

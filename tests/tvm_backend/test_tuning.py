@@ -12,6 +12,7 @@ def _cost_ms(db, task, calls: int) -> float:
     return calls * 1e3 * sum(secs) / len(secs)
 
 
+@pytest.mark.slow  # ~60 s of tuning: the one focus-trials test runs in `make test-all`
 def test_focus_trials_follow_the_estimated_time_and_resume(block_tasks, x86) -> None:
     from codesign.tvm_backend.focus import focus_budgets, tune_focused
     from codesign.tvm_backend.tuning import TaskSet, tune
