@@ -16,15 +16,15 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # Main job on the embedded default: LUT -> latency model -> search -> AMC -> HAQ -> artifact + report,
-# for the tiny space on mnist5k on this CPU (about 15 minutes on 2 cores).
+# for the tiny space on mnist5k on this CPU (about 11 minutes on 2 cores).
 demo: setup
 	$(BIN)/codesign pipeline --out $(OUT)
 
-# The default tier (README, CI): everything but tests marked slow (about 15 minutes on 2 cores).
+# The default tier (README, CI): everything but tests marked slow (about 16 minutes on 2 cores).
 test: setup
 	$(BIN)/python -m pytest
 
-# The quick tier while editing: no tuning, no RPC farms, no whole-network runs (about 5 minutes).
+# The quick tier while editing: no tuning, no RPC farms, no whole-network runs (about 3 minutes).
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow and not tuning and not rpc and not network"
 
