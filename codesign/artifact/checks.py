@@ -67,6 +67,34 @@ def check_inputs(data: Any, shape: Sequence[int], n: int, seed: int) -> list[np.
     return [rng.standard_normal(tuple(shape)).astype("float32") for _ in range(n)]
 
 
+def equality_report(
+    out: np.ndarray,
+    ref: np.ndarray,
+    tolerance: tuple[str, float, float],
+    n_inputs: int,
+    where: str,
+) -> dict[str, Any]:
+    """The manifest's equality section for outputs `out` against the reference `ref` (same
+    shape) under `tolerance` = (precision, rtol, atol) from `tolerance_for`: `ok` when every
+    element is within atol x the output scale + rtol x |ref|."""
+    precision, rtol, atol = tolerance
+    scale = max(1.0, float(np.abs(ref).max()))
+    err = np.abs(out - ref)
+    bound = atol * scale + rtol * np.abs(ref)
+    return {
+        "ok": bool(np.all(err <= bound)),
+        "n_inputs": n_inputs,
+        "precision": precision,
+        "rtol": rtol,
+        "atol": atol,
+        "output_scale": scale,
+        "max_abs_err": float(err.max()),
+        "max_err_over_bound": float((err / bound).max()),
+        "top1_agreement": float(np.mean(out.argmax(-1) == ref.argmax(-1))),
+        "checked_on": where,
+    }
+
+
 def check_equality(
     executor: Executor,
     model: Any,
@@ -85,23 +113,9 @@ def check_equality(
     out, ref = np.concatenate(outs), np.concatenate(refs)
     if out.shape != ref.shape:
         raise EqualityError(f"compiled output shape {out.shape} != PyTorch {ref.shape}")
-    scale = max(1.0, float(np.abs(ref).max()))
-    err = np.abs(out - ref)
-    bound = atol * scale + rtol * np.abs(ref)
-    ok = bool(np.all(err <= bound))
-    report = {
-        "ok": ok,
-        "n_inputs": len(inputs),
-        "precision": precision,
-        "rtol": rtol,
-        "atol": atol,
-        "output_scale": scale,
-        "max_abs_err": float(err.max()),
-        "max_err_over_bound": float((err / bound).max()),
-        "top1_agreement": float(np.mean(out.argmax(-1) == ref.argmax(-1))),
-        "checked_on": executor.where,
-    }
-    if not ok:
+    report = equality_report(out, ref, (precision, rtol, atol), len(inputs), executor.where)
+    scale = report["output_scale"]
+    if not report["ok"]:
         raise EqualityError(
             f"the compiled network's outputs differ from PyTorch's on {len(inputs)} validation "
             f"inputs: max abs error {report['max_abs_err']:.3g} exceeds the {precision} tolerance "

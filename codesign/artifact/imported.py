@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from codesign.artifact.checks import tolerance_for
+from codesign.artifact.checks import equality_report, tolerance_for
 from codesign.artifact.manifest import FORMAT, LIBRARY, WEIGHTS_NOTE, expected_machine
 from codesign.artifact.pack import CompileOptions, _executor, _log, _npy, latency_record
 from codesign.artifact.verify import Artifact, verify_artifact
@@ -154,22 +154,9 @@ def compare(outs: Sequence[np.ndarray], refs: Sequence[np.ndarray], where: str, 
     ref = np.concatenate([np.asarray(r, np.float64).reshape(1, -1) for r in refs])
     if out.shape != ref.shape:
         raise EqualityError(f"compiled output shape {out.shape} != {against} {ref.shape}")
-    scale = max(1.0, float(np.abs(ref).max()))
-    err = np.abs(out - ref)
-    bound = atol * scale + rtol * np.abs(ref)
-    report = {
-        "ok": bool(np.all(err <= bound)),
-        "n_inputs": len(outs),
-        "precision": precision,
-        "rtol": rtol,
-        "atol": atol,
-        "output_scale": scale,
-        "max_abs_err": float(err.max()),
-        "max_err_over_bound": float((err / bound).max()),
-        "top1_agreement": float(np.mean(out.argmax(-1) == ref.argmax(-1))),
-        "checked_on": where,
-        "reference": against,
-    }
+    report = equality_report(out, ref, (precision, rtol, atol), len(outs), where)
+    report["reference"] = against
+    scale = report["output_scale"]
     if not report["ok"]:
         raise EqualityError(
             f"the compiled model's outputs differ from {against}'s on {len(outs)} inputs: max "
