@@ -23,8 +23,15 @@ from typing import Any
 import numpy as np
 
 from codesign.artifact.checks import equality_report, tolerance_for
-from codesign.artifact.manifest import FORMAT, LIBRARY, WEIGHTS_NOTE, expected_machine
-from codesign.artifact.pack import CompileOptions, _executor, _log, _npy, latency_record
+from codesign.artifact.manifest import FORMAT, LIBRARY
+from codesign.artifact.pack import (
+    CompileOptions,
+    _executor,
+    _log,
+    _npy,
+    build_sections,
+    latency_record,
+)
 from codesign.artifact.verify import Artifact, verify_artifact
 from codesign.errors import ArtifactError, EqualityError, InputError
 from codesign.measurement import MeasureProtocol
@@ -191,13 +198,11 @@ def _peers(imported: Any, executor: Any, x: np.ndarray, threads: int, tmp: Path,
 def _build_and_pack(imported: Any, target: Target, out: Path, opts: CompileOptions,
                     inputs: list[np.ndarray], prep: Preprocess | None, peers: bool
                     ) -> tuple[Artifact, dict[str, Any]]:  # fmt: skip
-    import tvm
-    import tvm_ffi
 
     from codesign import __version__
     from codesign.artifact.archive import write_archive
     from codesign.artifact.tuning import tune_for_artifact
-    from codesign.tvm_backend.build import PIPELINE, compile_module, prepare
+    from codesign.tvm_backend.build import compile_module, prepare
 
     seconds: dict[str, float] = {}
     lowered = imported.lowered()
@@ -260,13 +265,7 @@ def _build_and_pack(imported: Any, target: Target, out: Path, opts: CompileOptio
         ],
         "classes": classes,
         "preprocessing": prep.to_manifest() if prep else None,
-        "target": {**target.to_dict(), "machine": expected_machine(target.tvm_dict)},
-        "tvm": {
-            "version": tvm.__version__,
-            "ffi_version": tvm_ffi.__version__,
-            "pipeline": PIPELINE,
-        },
-        "weights": {"storage": "embedded", "note": WEIGHTS_NOTE},
+        **build_sections(target),
         "model": {
             "arch": None,
             "source": imported.source,

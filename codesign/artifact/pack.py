@@ -97,6 +97,25 @@ def _npy(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def build_sections(target: Target) -> dict[str, Any]:
+    """The manifest's sections that say what built the library: the target (with the machine
+    it runs on), TVM and the compile recipe, and where the weights are."""
+    import tvm
+    import tvm_ffi
+
+    from codesign.tvm_backend.build import PIPELINE
+
+    return {
+        "target": {**target.to_dict(), "machine": expected_machine(target.tvm_dict)},
+        "tvm": {
+            "version": tvm.__version__,
+            "ffi_version": tvm_ffi.__version__,
+            "pipeline": PIPELINE,
+        },
+        "weights": {"storage": "embedded", "note": WEIGHTS_NOTE},
+    }
+
+
 def latency_record(m: Any, opts: CompileOptions, target: Target, executor: Any) -> dict[str, Any]:
     """The manifest's latency section: an artifact's timing on `executor` (ArtifactError when
     the timing failed)."""
@@ -219,11 +238,10 @@ def compile_artifact(
             f"output {out} is a directory; give the archive's file name, e.g. {Path(out) / 'model.tar'}"
         )
     import tvm
-    import tvm_ffi
 
     from codesign import __version__
     from codesign.model_dir import load_model
-    from codesign.tvm_backend.build import PIPELINE, compile_module, prepare
+    from codesign.tvm_backend.build import compile_module, prepare
     from codesign.tvm_backend.lower import lower_module
 
     opts = options or CompileOptions()
@@ -295,13 +313,7 @@ def compile_artifact(
         "codesign_version": __version__,
         "library": LIBRARY,
         **_input_info(meta, input_shape, lowered.mod["main"].params[0].name),
-        "target": {**target.to_dict(), "machine": expected_machine(target.tvm_dict)},
-        "tvm": {
-            "version": tvm.__version__,
-            "ffi_version": tvm_ffi.__version__,
-            "pipeline": PIPELINE,
-        },
-        "weights": {"storage": "embedded", "note": WEIGHTS_NOTE},
+        **build_sections(target),
         "model": {
             "arch": meta.arch,
             "space": meta.space,
