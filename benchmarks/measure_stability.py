@@ -2,6 +2,7 @@
 
     python benchmarks/measure_stability.py --quick      # 2 blocks + tiny network, 3 repeats
     python benchmarks/measure_stability.py              # 3 blocks + tiny network, 5 repeats
+    python benchmarks/measure_stability.py --processes 8   # across 8 fresh processes
 
 Each module (LUT blocks of 20-800 us and a tiny whole network) is measured `--repeats` times
 per cell, in interleaved rounds: protocol (old | new) x condition (idle: after 0.5 s of rest |
@@ -16,8 +17,14 @@ best median of the whole run (load only adds time: the best is the closest to a 
 old: one time_evaluator run of 10 x 50 ms windows, repeated up to 3 times while cv > 5%,
      the steadiest kept (run_steady before this change);
 new: codesign's runner (tvm_backend/runner/timing.py: warm-up, short windows in rounds,
-     rounds that waited for a CPU set aside, stop when the median is pinned down).
+     rounds that waited for a CPU set aside, the median of the quiet windows).
 Writes benchmarks/results/measure_stability.json (measure_stability_quick.json with --quick).
+
+With --processes N, every module is measured once per protocol in each of N fresh processes
+(the same seeded modules, compiled in each): a shared guest keeps one module 1.3-2x slower for
+a whole process while another module runs at its usual speed, so the spread across processes
+is what a LUT built today and a network measured tomorrow differ by. Writes
+measure_stability_processes.json.
 """
 
 from __future__ import annotations
@@ -129,11 +136,82 @@ def cell_stats(runs: list[tuple[Measurement, float, float]], best: float) -> dic
     }
 
 
+def child(quick: bool) -> int:
+    """One fresh process of --processes: each module once per protocol, as one JSON line."""
+    import json
+
+    from codesign.tvm_backend.runner import LocalRunner, run_steady
+
+    runner = LocalRunner()
+    out = {}
+    for name, b in modules(quick).items():
+        out[name] = {
+            "old": old_protocol(b, PROTOCOL).median_ms,
+            "new": run_steady(runner, b, PROTOCOL).median_ms,
+        }
+    print("RESULT " + json.dumps(out), flush=True)
+    return 0
+
+
+def across_processes(n: int, quick: bool) -> int:
+    import json
+    import subprocess
+
+    from codesign.tvm_backend.runner import relative_spread
+
+    info = machine()
+    per: dict[str, dict[str, list[float]]] = {}
+    t0 = time.time()
+    for i in range(n):
+        cmd = [sys.executable, __file__, "--child"] + (["--quick"] if quick else [])
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
+        line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))
+        for name, got in json.loads(line[7:]).items():
+            for proto, ms in got.items():
+                per.setdefault(name, {}).setdefault(proto, []).append(ms)
+        print(f"process {i + 1}/{n} done ({time.time() - t0:.0f} s)", flush=True)
+    rows = []
+    for name, got in per.items():
+        row = {"module": name}
+        for proto, ms in got.items():
+            row[proto] = {
+                "spread_p90_p10": round(relative_spread(ms), 4),
+                "max_over_min": round(max(ms) / min(ms), 3),
+                "medians_ms": [round(x, 5) for x in ms],
+            }
+        rows.append(row)
+        print(f"{name[:40]:<40} old (p90-p10)/median {row['old']['spread_p90_p10']:.3f} "
+              f"max/min {row['old']['max_over_min']:.2f} | new {row['new']['spread_p90_p10']:.3f} "
+              f"max/min {row['new']['max_over_min']:.2f}")  # fmt: skip
+    summary = {
+        p: round(statistics.median(r[p]["spread_p90_p10"] for r in rows), 4) for p in ("old", "new")
+    }
+    print(f"median spread across {n} processes: old {summary['old']:.3f}, new {summary['new']:.3f}")
+    write_result(
+        "measure_stability_processes",
+        {
+            "machine": info,
+            "processes": n,
+            "protocol": PROTOCOL.to_dict(),
+            "median_spread_p90_p10": summary,
+            "rows": rows,
+            "seconds": round(time.time() - t0, 1),
+        },
+    )
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 blocks + network, 3 repeats")
     ap.add_argument("--repeats", type=int, default=None, help="measurements per cell")
+    ap.add_argument("--processes", type=int, default=0, help="measure across N fresh processes")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        return child(args.quick)
+    if args.processes:
+        return across_processes(args.processes, args.quick)
     repeats = args.repeats or (3 if args.quick else 5)
     from codesign.tvm_backend.runner import LocalRunner, run_delay_s, run_steady
 

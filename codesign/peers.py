@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from codesign.measurement import quiet_samples
+
 Call = Callable[[np.ndarray], np.ndarray]
 
 
@@ -80,8 +82,12 @@ ENGINES: dict[str, Callable[[Path, int], Call]] = {
 
 
 def python_ms(fn: Callable[[], Any], *, repeat: int = 10, min_repeat_ms: float = 50.0) -> float:
-    """Median of `repeat` samples of one call of `fn`, each sample at least `min_repeat_ms`
-    long (calibrated as TVM's time_evaluator calibrates)."""
+    """Latency (ms) of one call of `fn`, by the statistic TVM's runner uses: windows of
+    `min_repeat_ms / 5` (calls per window calibrated as time_evaluator calibrates), at least
+    `5 x repeat` of them, and the median of the quiet ones (`quiet_samples`), so that an
+    engine timed per call and a module timed by time_evaluator meet the host's slow phases
+    alike."""
+    window_ms = min_repeat_ms / 5
     for _ in range(3):
         fn()
     number = 1
@@ -89,16 +95,16 @@ def python_ms(fn: Callable[[], Any], *, repeat: int = 10, min_repeat_ms: float =
         t0 = time.perf_counter()
         for _ in range(number):
             fn()
-        if (time.perf_counter() - t0) * 1e3 >= min_repeat_ms or number >= 1 << 20:
+        if (time.perf_counter() - t0) * 1e3 >= window_ms or number >= 1 << 20:
             break
         number *= 2
     samples = []
-    for _ in range(repeat):
+    for _ in range(5 * repeat):
         t0 = time.perf_counter()
         for _ in range(number):
             fn()
         samples.append((time.perf_counter() - t0) / number * 1e3)
-    return statistics.median(samples)
+    return statistics.median(quiet_samples(samples))
 
 
 def time_peers(

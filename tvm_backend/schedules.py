@@ -42,6 +42,9 @@ PARALLEL_KEY = "meta_schedule.parallel"
 # The run time an analytic record carries (MemoryDatabase serves only records with one); it is
 # never compared with measured records: analytic ones live in a database of their own.
 NOT_MEASURED_S = 1.0
+# The random state of the design spaces (`design_context`): any fixed value makes the analytic
+# schedules, and so every compiled module, the same in every process.
+DESIGN_SEED = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +189,12 @@ def _builds(sch: Any, target: Target) -> bool:
 
 
 def design_context(task_mod: Any, target: Target) -> Any:
-    """MetaSchedule's tuning context of a task for `target` (design space and postprocessors)."""
+    """MetaSchedule's tuning context of a task for `target` (design space and postprocessors).
+
+    Seeded: the sketches carry sampled decisions besides the tiles this module chooses (compute
+    locations among them), and an unseeded context drew them anew in every process, so one
+    network compiled to different code each time (EMR guest: the k7e6 `tiny` network ran
+    91-152 us across fresh processes, its 1x1 kernels differing in size by up to 2.3x)."""
     from tvm.s_tir import meta_schedule as ms
 
     from codesign.tvm_backend.fast_import import import_intrinsics
@@ -197,6 +205,7 @@ def design_context(task_mod: Any, target: Target) -> Any:
         target=target.tvm_target(),
         space_generator="post-order-apply",
         task_name="analytic",
+        rand_state=DESIGN_SEED,
         num_threads=1,
     )
 

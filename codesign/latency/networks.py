@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -104,7 +105,7 @@ def measure_networks(
 
     from codesign.modules import build_network
     from codesign.tvm_backend.build import compile_module
-    from codesign.tvm_backend.runner import STEADY_CV, Where, run_steady
+    from codesign.tvm_backend.runner import STEADY_CV, SecondPass, Where, run_steady
 
     space, target = get_space(space), parse_target(target)
     protocol = protocol or MeasureProtocol()
@@ -117,6 +118,7 @@ def measure_networks(
 
         database = open_tuning_database(db, target.key)
     table = LatencyTable(db)
+    later = SecondPass(runner, protocol)
     try:
         bar = tqdm(
             archs,
@@ -154,11 +156,14 @@ def measure_networks(
             built = compile_module(low, target, database, fused=fused)
             m: Measurement = run_steady(runner, built, protocol)
             table.put_network(target.key, key, mode, m, prov, tuning_digest=digest)
+            later.add(built, m, partial(table.put_network, target.key, key, mode,
+                                        provenance=prov, tuning_digest=digest))  # fmt: skip
             if m.ok:
                 report.measured += 1
                 bar.set_postfix_str(f"{m.median_ms:.3f} ms")
             else:
                 report.failed.append(f"{key}: {m.error}")
+        later.run()
     finally:
         table.close()
         report.seconds = time.time() - t0

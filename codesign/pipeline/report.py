@@ -257,6 +257,12 @@ def _compression_lines(s: dict[str, Any], rel: dict[str, Path]) -> list[str]:
             f"{_f(out.get('budget_ms'))} ms (asked {_f(out.get('budget_asked_ms'))} ms; "
             + ("the latency model's prediction)" if step == "prune" else "the LUT sum)")
         )
+        if out.get("shipped") == "float":
+            lines.append(
+                f"  The quantized network measured {_f(out['after']['measured_ms'])} ms, not "
+                f"faster than the float network's {_f(out['before']['measured_ms'])} ms: the "
+                "float network ships."
+            )
         if f"{step}_policy" in rel:
             lines += ["", f"![{step} policy]({rel[f'{step}_policy']})", ""]
     lines.append("")

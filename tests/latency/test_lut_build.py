@@ -31,8 +31,9 @@ def test_untuned_build_measures_then_reuses(lut_path: Path, tiny, x86, quick) ->
     for e in entries.values():
         m = e.measurement
         assert m.ok and 0 < m.min_ms <= m.median_ms <= m.max_ms < 100
-        # rounds of `repeat` short windows until the median is pinned down (runner.timing)
-        assert m.repeats % quick.repeat == 0 and len(m.samples_ms) == m.repeats >= quick.repeat
+        # the quiet windows (within 8% of the floor) of two measurements, each of >= 4 rounds
+        # of `repeat` short windows, until 2 x repeat are quiet (runner.timing)
+        assert len(m.samples_ms) == m.repeats >= quick.repeat
         assert e.provenance.target_json == x86.tvm_json and not e.provenance.tuned
         assert e.provenance.threads == x86.threads
     r2 = build_lut(tiny, x86, lut_path, protocol=quick, blocks=blocks, progress=False)

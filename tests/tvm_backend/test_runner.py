@@ -11,11 +11,12 @@ import time
 import pytest
 
 from codesign.errors import TargetError
-from codesign.measurement import Measurement, MeasureProtocol
+from codesign.measurement import Measurement, MeasureProtocol, quiet_samples
 from codesign.tvm_backend.runner import (
     STEADY_CV,
     LocalRunner,
     RPCRunner,
+    SecondPass,
     Where,
     relative_spread,
     run_delay_s,
@@ -57,6 +58,47 @@ def test_where_is_one_value_the_other_spellings_come_from(x86) -> None:
         Where.rpc("nohost", "k")
     with pytest.raises(TargetError, match="needs an RPC tracker"):
         Where.local().session()
+
+
+def test_quiet_samples_are_the_hosts_fast_state() -> None:
+    # a slow phase of the host (1.4x) covering most windows of a measurement, and one window
+    # spoiled further: the plain median follows the phase, the quiet median does not
+    windows = [1.0, 1.02, 1.4, 1.41, 1.39, 1.4, 2.5, 1.42, 0.99, 1.4, 1.01, 1.4]
+    kept = quiet_samples(windows)
+    assert kept == [1.0, 1.02, 0.99, 1.01]
+    assert quiet_samples([]) == [] and quiet_samples([3.0]) == [3.0]
+    # the floor is the 10th percentile: one odd low window does not set it (and stays in)
+    assert quiet_samples([0.2] + [1.0] * 9 + [1.3] * 10) == [0.2] + [1.0] * 9
+
+
+def test_pooled_measurements_and_the_second_pass() -> None:
+    slow = Measurement.from_samples([1.4e-3, 1.41e-3, 1.39e-3, 1.4e-3])
+    fast = Measurement.from_samples([1.0e-3, 1.01e-3, 0.99e-3, 1.0e-3])
+    assert slow.pooled(fast).median_ms == pytest.approx(1.0, rel=0.01)
+    assert fast.pooled(slow) == slow.pooled(fast)
+    loaded = Measurement.from_samples([0.5e-3] * 4, converged=False)
+    assert slow.pooled(loaded) == slow  # a side that never had a quiet CPU does not count
+    both = loaded.pooled(loaded)
+    assert not both.converged and both.repeats == 8
+    assert slow.pooled(Measurement.failed("lost")) == slow
+
+    class Script(LocalRunner):
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def run(self, built, protocol) -> Measurement:  # noqa: ANN001
+            self.calls.append(built)
+            return fast
+
+    runner, stored = Script(), {}
+    later = SecondPass(runner, MeasureProtocol.quick(), keep=2)
+    for name in "abc":
+        later.add(name, slow, lambda m, name=name: stored.__setitem__(name, m))
+    assert runner.calls == ["a"] and len(later) == 2  # bounded: the oldest went early
+    later.add("failed", Measurement.failed("x"), stored.__setitem__)  # nothing to pool
+    later.run()
+    assert runner.calls == ["a", "b", "c"]
+    assert {k: round(v.median_ms, 3) for k, v in stored.items()} == {"a": 1.0, "b": 1.0, "c": 1.0}
 
 
 def test_median_error_and_spread_statistics() -> None:
