@@ -17,9 +17,9 @@ from typing import Any
 # state. A shared 2-vCPU guest runs the same module in states 1.3x and 2x slower than its
 # quiet one, for phases of 10 ms to seconds that no in-guest counter shows (no steal time, no
 # run delay; with 1 TVM thread as with 2). Within the quiet state 10 ms windows agree within
-# ~3%. Measured on the EMR guest, a 0.037 ms network, 10 fresh processes: the median of all
-# windows spread 35-80 us, the median of the quiet windows 36.5-40 us (benchmarks/
-# measure_stability.py).
+# ~3%. Measured on the EMR guest, a 0.037 ms network, 8 fresh processes: the median of all
+# windows spread 35-53 us, the median of the quiet windows 35-40 us (benchmarks/
+# measure_stability.py --processes).
 QUIET_BAND = 0.08
 
 

@@ -80,9 +80,14 @@ def _amc(
     finetune = TrainConfig(epochs=cfg.compress.finetune_epochs, seed=seed)
     r = prune_model(job, config, finetune, progress=progress)
     ratios = r["ratios"]
+    # Only what measures faster ships: widths the latency model priced between measured ones
+    # can land off the vector width and run slower than the wider network.
+    before, after = r.get("base_measured_ms"), r.get("measured_ms")
+    faster = before is None or after is None or after < before
     return {
         "method": "amc",
-        "model_dir": str(work),
+        "model_dir": str(work if faster else model_dir),
+        "shipped": "pruned" if faster else "searched",
         "policy": r["policy"],
         "budget_ms": r["budget_ms"],
         "budget_asked_ms": target_ms,

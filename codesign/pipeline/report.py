@@ -257,11 +257,13 @@ def _compression_lines(s: dict[str, Any], rel: dict[str, Path]) -> list[str]:
             f"{_f(out.get('budget_ms'))} ms (asked {_f(out.get('budget_asked_ms'))} ms; "
             + ("the latency model's prediction)" if step == "prune" else "the LUT sum)")
         )
-        if out.get("shipped") == "float":
+        kept = {"float": ("quantized", "float"), "searched": ("pruned", "searched")}
+        if out.get("shipped") in kept:
+            new, old = kept[out["shipped"]]
             lines.append(
-                f"  The quantized network measured {_f(out['after']['measured_ms'])} ms, not "
-                f"faster than the float network's {_f(out['before']['measured_ms'])} ms: the "
-                "float network ships."
+                f"  The {new} network measured {_f(out['after']['measured_ms'])} ms, not "
+                f"faster than the {old} network's {_f(out['before']['measured_ms'])} ms: the "
+                f"{old} network ships."
             )
         if f"{step}_policy" in rel:
             lines += ["", f"![{step} policy]({rel[f'{step}_policy']})", ""]

@@ -312,16 +312,18 @@ def stage_quantize(
 ) -> dict[str, Any]:
     """HAQ mixed precision of the prune stage's network (`pruned`: its outputs); without "haq"
     in [compress] methods that network passes through."""
+    # what the prune step ships: the searched network where pruning did not measure faster
+    ships = pruned["before"] if pruned.get("shipped") == "searched" else pruned["after"]
     if "haq" not in cfg.compress.methods:
         return {
             "method": None,
             "model_dir": _pass_through(pruned["model_dir"], work),
             "float_model_dir": pruned["model_dir"],
-            "after": pruned["after"],
+            "after": ships,
         }
     from codesign.pipeline.compress import quantize
 
-    return quantize(cfg, Path(pruned["model_dir"]), db, pruned["after"], work, progress)
+    return quantize(cfg, Path(pruned["model_dir"]), db, ships, work, progress)
 
 
 def stage_compile(
