@@ -17,7 +17,10 @@ Weights kept as runtime inputs (cache-flushing measurements) are pre-packed the 
 the host, by the module's lifted `main_transform_params`, so both forms run the same kernels.
 
 `PIPELINE` names this recipe; it is part of every measurement's provenance, so changing the
-recipe invalidates measurements taken with another one. /5: kernels without a tuning record
+recipe invalidates measurements taken with another one. /6: the analytic schedules' design
+spaces are seeded (before, their compute locations were drawn anew in every process, so one
+network compiled to different code each time) and timings are medians of quiet windows measured
+twice; every LUT, network and artifact is measured again. /5: kernels without a tuning record
 get analytic schedules instead of TVM's naive loop nests (the MobileNetV2-style 224 net went
 from 850 ms to about 8 ms on 2 cores), so every untuned LUT, network and artifact is measured
 again. /4 changed no kernel: before it, TVM's
@@ -38,7 +41,7 @@ from codesign.errors import BuildError
 from codesign.targets import Target
 from codesign.tvm_backend.schedules import schedule_kernels
 
-PIPELINE = "relax-zero-nhwc-prepack/5"
+PIPELINE = "relax-zero-nhwc-prepack/6"
 
 
 def prepare(mod: Any) -> Any:

@@ -91,18 +91,28 @@ class _Emitter:
 
 
 # ------------------------------------------------------------------ float blocks
-def _fconv(em: _Emitter, x: Any, lp: LayerParams, dtype: str, act: bool) -> Any:
+def conv_bias(
+    em: Any,
+    x: Any,
+    lp: LayerParams,
+    dtype: str,
+    *,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int] = (1, 1),
+) -> Any:
+    """One float convolution of a quantised network in `dtype` (NCHW/OIHW) plus its bias: the
+    layers of the project's blocks and of imported models (graphlower) alike."""
     from tvm import relax
 
     ly = lp.layer
-    pad = ly.kernel // 2
     y = em.emit(
         relax.op.nn.conv2d(
             x,
             em.const(lp.weight.astype(dtype)),
-            strides=[ly.stride, ly.stride],
-            padding=[pad, pad, pad, pad],
-            dilation=[1, 1],
+            strides=list(stride),
+            padding=[padding[0], padding[1], padding[0], padding[1]],
+            dilation=list(dilation),
             groups=ly.groups,
             data_layout="NCHW",
             kernel_layout="OIHW",
@@ -111,7 +121,15 @@ def _fconv(em: _Emitter, x: Any, lp: LayerParams, dtype: str, act: bool) -> Any:
         )
     )
     b = em.emit(relax.op.reshape(em.const(lp.bias.astype(dtype)), [1, ly.cout, 1, 1]))
-    y = em.emit(relax.op.add(y, b))
+    return em.emit(relax.op.add(y, b))
+
+
+def _fconv(em: _Emitter, x: Any, lp: LayerParams, dtype: str, act: bool) -> Any:
+    from tvm import relax
+
+    ly = lp.layer
+    pad = ly.kernel // 2
+    y = conv_bias(em, x, lp, dtype, stride=(ly.stride, ly.stride), padding=(pad, pad))
     return em.emit(relax.op.clip(y, 0.0, 6.0)) if act else y
 
 

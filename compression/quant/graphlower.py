@@ -45,23 +45,12 @@ def _emit_float(em: Any, x: Any, lp: LayerParams, module: Any, dtype: str) -> An
         y = em.emit(relax.op.matmul(xin, wt, out_dtype=dtype))
         y = em.emit(relax.op.add(y, em.const(lp.bias.astype(dtype))))
     else:
-        ph, pw = _pair(module.padding)
-        y = em.emit(
-            relax.op.nn.conv2d(
-                xin,
-                em.const(lp.weight.astype(dtype)),
-                strides=_pair(module.stride),
-                padding=[ph, pw, ph, pw],
-                dilation=_pair(module.dilation),
-                groups=ly.groups,
-                data_layout="NCHW",
-                kernel_layout="OIHW",
-                out_layout="NCHW",
-                out_dtype=dtype,
-            )
-        )
-        b = em.emit(relax.op.reshape(em.const(lp.bias.astype(dtype)), [1, ly.cout, 1, 1]))
-        y = em.emit(relax.op.add(y, b))
+        from codesign.tvm_backend.quantize import conv_bias
+
+        y = conv_bias(
+            em, xin, lp, dtype, stride=_pair(module.stride), padding=_pair(module.padding),
+            dilation=_pair(module.dilation),
+        )  # fmt: skip
     return em.emit(relax.op.astype(y, "float32")) if dtype != "float32" else y
 
 
