@@ -20,7 +20,7 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/codesign pipeline --out $(OUT)
 
-# The default tier (README, CI): everything but tests marked slow (about 12 minutes on 2 cores).
+# The default tier (README, CI): everything but tests marked slow (12-16 minutes on 2 cores).
 test: setup
 	$(BIN)/python -m pytest
 
