@@ -1,9 +1,11 @@
 """`latency_model.py --adapt`: few-network latency models, adaptation and uncertainty.
 
-    source (default: tiny on x86:threads=1) and new (space, target) (default: tiny-w2 on
-    x86:threads=1), untuned LUTs, quick protocol; each is measured in its own process (TVM sizes
-    its thread pool once per process) into one LUT file. One thread: on a loaded 2-core host a
-    2-thread pool stalls at every barrier (block timings 100x too slow), one thread does not.
+    source (default: tiny on x86, the demo's target) and new (space, target) (default: tiny-w2
+    on x86), analytic (trials = 0) LUTs, the default protocol (quiet-window medians and a second
+    pass, as `codesign pipeline` measures); each is measured in its own process (TVM sizes its
+    thread pool once per process) into one LUT file. Run it on an otherwise idle host: on a
+    loaded 2-core host a 2-thread pool stalls at every barrier (then use x86:threads=1 for both;
+    the quick protocol's 1 ms windows gave noise floors of 36-47% here, see the history).
     demo      the pipeline's own model: 24 networks of the source (16 fit / 8 held out), scored
               on its 8 and on every other measured network
     adapt     the source model adapted to the new target with N = 5, 10, 20 of its networks,
@@ -37,7 +39,7 @@ def measure_target(spec: str, space_name: str, db: Path, n: int, seed: int, out:
     from codesign.search.space import get_space
     from codesign.targets import parse_target
 
-    space, target, protocol = get_space(space_name), parse_target(spec), MeasureProtocol.quick()
+    space, target, protocol = get_space(space_name), parse_target(spec), MeasureProtocol()
     t0 = time.time()
     build_lut(space, target, db, protocol=protocol)
     t1 = time.time()
@@ -67,7 +69,7 @@ def noise(space: Any, target: Any, arch: Any, times: int = 5) -> dict[str, Any]:
     built, _ = compile_network(build_network(space, arch), target, label="noise")
     runner, samples = LocalRunner(), []
     for _ in range(times):
-        samples.append(runner.run(built, MeasureProtocol.quick()).median_ms)
+        samples.append(runner.run(built, MeasureProtocol()).median_ms)
         time.sleep(0.5)
     med = statistics.median(samples)
     return {
@@ -169,7 +171,7 @@ def run_adapt(args: Any, machine: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {
         "space": space.name,
         "mode": "untuned",
-        "protocol": MeasureProtocol.quick().to_dict(),
+        "protocol": MeasureProtocol().to_dict(),
         "networks": {"source": len(s_archs), "new": len(d_archs)},
         "n_train": rep.n_train,
         "n_test": rep.n_test,

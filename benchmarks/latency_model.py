@@ -70,8 +70,8 @@ def main() -> int:
     ap.add_argument(
         "--adapt", action="store_true", help="few-network / adaptation / uncertainty benchmark"
     )
-    ap.add_argument("--source", default="x86:threads=1", help="--adapt: target adapted from")
-    ap.add_argument("--adapt-to", default="x86:threads=1", help="--adapt: the new target")
+    ap.add_argument("--source", default="x86", help="--adapt: target adapted from")
+    ap.add_argument("--adapt-to", default="x86", help="--adapt: the new target")
     ap.add_argument("--adapt-space", default="tiny-w2", help="--adapt: the new space")
     ap.add_argument("--adapt-networks", type=int, default=64, help="--adapt: new networks")
     ap.add_argument(

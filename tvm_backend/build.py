@@ -39,6 +39,7 @@ import numpy as np
 
 from codesign.errors import BuildError
 from codesign.targets import Target
+from codesign.tvm_backend.folding import memoized_builds
 from codesign.tvm_backend.schedules import schedule_kernels
 
 PIPELINE = "relax-zero-nhwc-prepack/6"
@@ -49,7 +50,8 @@ def prepare(mod: Any) -> Any:
     are the tuning tasks."""
     from tvm import relax
 
-    return relax.transform.AttachAttrLayoutFreeBuffers()(relax.get_pipeline("zero")(mod))
+    with memoized_builds():  # FoldConstant's kernels: built once per process (folding.py)
+        return relax.transform.AttachAttrLayoutFreeBuffers()(relax.get_pipeline("zero")(mod))
 
 
 def prepack_weights(mod: Any, params: list[Any]) -> tuple[Any, list[Any]]:
@@ -63,7 +65,8 @@ def prepack_weights(mod: Any, params: list[Any]) -> tuple[Any, list[Any]]:
     mod = relax.transform.SplitLayoutRewritePreproc()(mod)
     if params and "num_input" in (mod["main"].attrs or {}):
         mod, params = lift_transform_params(mod, params)
-    mod = relax.transform.FoldConstant()(mod)
+    with memoized_builds():
+        mod = relax.transform.FoldConstant()(mod)
     return relax.transform.DeadCodeElimination(["main"])(mod), params
 
 
