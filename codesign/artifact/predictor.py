@@ -35,6 +35,8 @@ class Predictor:
         self.artifact = artifact
         self.executor = executor
         self._workdir = workdir
+        spec = artifact.manifest.input  # the per-call fast path: an exact (1, ...) array
+        self._exact = (tuple(spec.shape), np.dtype(spec.dtype))
 
     @property
     def manifest(self) -> Manifest:
@@ -71,6 +73,8 @@ class Predictor:
 
     def __call__(self, x: Any) -> np.ndarray:
         """Outputs (logits) for each input of the batch, stacked: (N, classes)."""
+        if type(x) is np.ndarray and (x.shape, x.dtype) == self._exact and x.flags.c_contiguous:
+            return self.executor.run(x)  # what check_input would pass unchanged
         x = self.check_input(x)
         if len(x) == 1:
             return self.executor.run(x)

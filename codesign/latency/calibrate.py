@@ -158,21 +158,24 @@ def fit_ridge(
     y = np.log(np.asarray(measured, float) / x[:, 0])
     zs = z / scale
     yt = y - z @ w0
-    best = None
-    for lam in lambdas:
+    n = len(y)
+    # (LOO squared errors, lambda, correction, inverse Gram, effective parameters), from the
+    # prior itself (lambda -> infinity: its LOO error is its plain error) to the weakest pull
+    g_prior = np.linalg.inv(zs.T @ zs + 1e6 * np.eye(zs.shape[1]))
+    fits = [(yt**2, float("inf"), np.zeros_like(w0), g_prior, 0.0)]
+    for lam in sorted(lambdas, reverse=True):
         d, g = _solve(zs, yt, lam)
         h = np.einsum("ij,jk,ik->i", zs, g, zs)
+        if float(np.sum(h)) > n / 2:
+            # weaker pulls interpolate: leverages near 1 make their LOO error 0/0, and picking
+            # one let a fit on 9 noisy networks predict the 10th far worse than the prior
+            # (RMSPE 15.8% vs 12.8%; with this bound 12.1%; EMR guest, test_latency_fewnet.py)
+            break
         loo = (yt - zs @ d) / np.maximum(1.0 - h, 1e-6)
-        err = float(np.mean(loo**2))
-        if best is None or err < best[0] - 1e-15:
-            best = (err, lam, d, g, float(np.sum(h)))
-    # the prior itself (lam -> infinity) is a candidate too: its LOO error is its plain error
-    err_prior = float(np.mean(yt**2))
-    assert best is not None
-    if err_prior <= best[0]:
-        g = np.linalg.inv(zs.T @ zs + 1e6 * np.eye(zs.shape[1]))
-        best = (err_prior, float("inf"), np.zeros_like(w0), g, 0.0)
-    err, lam, d, g, p_eff = best
+        fits.append((loo**2, lam, d, g, float(np.sum(h))))
+    errs = [float(np.mean(f[0])) for f in fits]  # the first lowest: the strongest pull wins ties
+    sq, lam, d, g, p_eff = fits[int(np.argmin(errs))]
+    err = float(np.mean(sq))
     w = w0 + d / scale
     return Ridge(
         names,

@@ -422,6 +422,7 @@ def test_garbage_after_the_last_member_is_refused(x86_artifact: Path, tmp_path: 
 # --- tuning records: the LUT's, applied to the network ------------------------------------
 
 
+@pytest.mark.slow  # ~50 s; tuned artifacts: this and test_cli_compile_tunes_the_network in `make test-all`
 def test_compile_applies_the_lut_tuning_records(
     trained_model_dir: Path, tmp_path: Path, quick
 ) -> None:

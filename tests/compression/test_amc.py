@@ -168,6 +168,7 @@ def test_missing_blocks_are_measured_into_the_lut(setup, tmp_path, x86) -> None:
     assert ms == pytest.approx(env.base_ms - lat.block_ms(net.specs[3]) + entry.median_ms)
 
 
+@pytest.mark.slow  # ~25-40 s; by default: test_search_is_seeded_and_resumes_exactly, test_every_policy_meets_the_budget
 def test_cli_prunes_fine_tunes_compiles_and_resumes(setup, tmp_path) -> None:
     net, _ = load_model(setup["model"])
     budget = budget_at(setup, 0.4, CONFIG)

@@ -341,7 +341,7 @@ def test_tuning_through_the_farm(tmp_path: Path, farm_factory, tiny, x86) -> Non
 
 
 @pytest.mark.rpc
-@pytest.mark.slow  # ~35 s; test_tuning_through_the_farm tunes through the farm in the default tier
+@pytest.mark.slow  # ~35 s; tuning through the farm (with test_tuning_through_the_farm): `make test-all`
 def test_farm_tuning_spends_its_budget_as_local_tuning_does(
     tmp_path: Path, farm_factory, block_tasks, x86
 ) -> None:

@@ -203,6 +203,7 @@ def test_cli_refuses_an_unreachable_target(lut, tmp_path: Path) -> None:
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.slow  # ~15-20 s; evolution runs by default in test_evolution_never_crosses_the_latency_constraint
 def test_evolution_strategy_end_to_end(lut, model, tiny, tmp_path: Path) -> None:
     from codesign.search.run import SearchJob, SearchSettings, run_search_job
 
