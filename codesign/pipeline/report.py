@@ -260,10 +260,12 @@ def _compression_lines(s: dict[str, Any], rel: dict[str, Path]) -> list[str]:
         kept = {"float": ("quantized", "float"), "searched": ("pruned", "searched")}
         if out.get("shipped") in kept:
             new, old = kept[out["shipped"]]
+            gain = out.get("min_gain")
+            by = f" by more than {gain:.1%} (the host's noise floor, at least 2%)" if gain else ""
             lines.append(
                 f"  The {new} network measured {_f(out['after']['measured_ms'])} ms, not "
-                f"faster than the {old} network's {_f(out['before']['measured_ms'])} ms: the "
-                f"{old} network ships."
+                f"faster than the {old} network's {_f(out['before']['measured_ms'])} ms{by}: "
+                f"the {old} network ships."
             )
         if f"{step}_policy" in rel:
             lines += ["", f"![{step} policy]({rel[f'{step}_policy']})", ""]
