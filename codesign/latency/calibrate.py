@@ -174,8 +174,8 @@ def fit_ridge(
         loo = (yt - zs @ d) / np.maximum(1.0 - h, 1e-6)
         fits.append((loo**2, lam, d, g, float(np.sum(h))))
     errs = [float(np.mean(f[0])) for f in fits]  # the first lowest: the strongest pull wins ties
-    sq, lam, d, g, p_eff = fits[int(np.argmin(errs))]
-    err = float(np.mean(sq))
+    best = int(np.argmin(errs))
+    err, (_, lam, d, g, p_eff) = errs[best], fits[best]
     w = w0 + d / scale
     return Ridge(
         names,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from codesign.pipeline import plots
+from codesign.pipeline.compress import MIN_GAIN
 from codesign.pipeline.config import PipelineConfig
 
 
@@ -261,7 +262,11 @@ def _compression_lines(s: dict[str, Any], rel: dict[str, Path]) -> list[str]:
         if out.get("shipped") in kept:
             new, old = kept[out["shipped"]]
             gain = out.get("min_gain")
-            by = f" by more than {gain:.1%} (the host's noise floor, at least 2%)" if gain else ""
+            by = (
+                f" by more than {gain:.1%} (the host's noise floor, at least {MIN_GAIN:.0%})"
+                if gain
+                else ""
+            )
             lines.append(
                 f"  The {new} network measured {_f(out['after']['measured_ms'])} ms, not "
                 f"faster than the {old} network's {_f(out['before']['measured_ms'])} ms{by}: "

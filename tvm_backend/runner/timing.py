@@ -18,8 +18,9 @@ The protocol converges on a noisy shared host (docs: benchmarks/measure_stabilit
 4. the result is the median of the quiet windows (`codesign.measurement.quiet_samples`: within
    8% of the 10th percentile). The guest also runs whole phases of 10 ms to seconds 1.3-2x
    slower that no counter shows (same with one thread; no steal time, no run delay; the
-   figures are with QUIET_BAND in codesign/measurement.py). Rounds span at least MIN_ROUNDS x repeat windows (~0.4 s at the default
-   protocol) so that a slow phase rarely covers a whole measurement;
+   figures are with QUIET_BAND in codesign/measurement.py). Rounds span at least MIN_ROUNDS x
+   repeat windows (~0.4 s at the default protocol) so that a slow phase rarely covers a whole
+   measurement;
 5. rounds continue (MIN_ROUNDS..MAX_ROUNDS) until 2 x repeat windows are quiet. A measurement
    with no clean round says so (`converged=False`: never steady); `run_steady` then measures
    again and keeps the best.
