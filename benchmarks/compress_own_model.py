@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -74,12 +75,13 @@ def run_arch(name: str, args: argparse.Namespace, data, target) -> dict:  # type
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = getattr(zoo, name)(num_classes=len(data.info.classes))
-    base = work / "base.pt"
+    # the trained original, cached per training recipe (a changed recipe trains anew)
+    base = work / f"base-{args.size}px-{args.train_images}img-{args.train_epochs}ep-lr{args.lr}.pt"
     if base.exists():
         model.load_state_dict(torch.load(base, weights_only=True))
     else:
         cfg = TrainConfig(epochs=args.train_epochs, lr=args.lr)
-        train(model, data, cfg, checkpoint=work / "train.ckpt", desc=f"train {name}")
+        train(model, data, cfg, checkpoint=base.with_suffix(".ckpt"), desc=f"train {name}")
         torch.save(model.state_dict(), base)
     # a few hundred steps from scratch leave BatchNorm's running statistics behind the weights
     # (MobileNetV2: 12% in eval mode at 0.46 training loss); refresh them on training images
@@ -125,7 +127,22 @@ def run_arch(name: str, args: argparse.Namespace, data, target) -> dict:  # type
         quant = {"skipped": f"HAQ not run: {err}"}
     except Exception as err:  # noqa: BLE001 - report, keep the pruned result
         quant = {"failed": f"{type(err).__name__}: {err}"[:300]}
-    if quant.get("latency_ms") is not None:
+    # The quantized network ships as the pipeline's rule says (measured faster than its input
+    # by more than MIN_GAIN) and only within --max-quant-drop points of the pruned accuracy.
+    from codesign.pipeline.compress import MIN_GAIN, measured_faster
+
+    qbuilt = quant.pop("built", None)
+    q_ok = quant.get("latency_ms") is not None and (
+        quant["accuracy"] >= res.pruned_acc - args.max_quant_drop
+    )
+    if quant.get("latency_ms") is not None and not q_ok:
+        quant["not_shipped"] = (f"{quant['accuracy']:.2f}% is more than {args.max_quant_drop} pt "
+                                f"below the pruned network's {res.pruned_acc:.2f}%")  # fmt: skip
+
+    def ships(q_ms: float | None, fp32_ms: float) -> bool:
+        return q_ok and q_ms is not None and measured_faster(q_ms, fp32_ms, MIN_GAIN)
+
+    if ships(quant.get("latency_ms"), res.pruned_ms):
         out_ms, out_acc = quant["latency_ms"], quant["accuracy"]
 
     # Torch-Pruning at one uniform ratio, at the same latency: interpolate the kept ratio
@@ -145,12 +162,22 @@ def run_arch(name: str, args: argparse.Namespace, data, target) -> dict:  # type
 
     cached = {"original_ms": original_ms, "compressed_ms": out_ms, "torch_pruning_ms": tp_ms}
     peers = time_peers(model, graph.input_shape, target.threads, work)
-    if args.rounds > 0 and out_ms == res.pruned_ms:  # fp32 result: time all side by side
-        peers, (original_ms, out_ms, tp_ms) = side_by_side(
-            (model, res.model, tp_net), graph.input_shape, target, protocol, work, args.rounds
-        )
+    amc_ms = res.pruned_ms
+    if args.rounds > 0:  # time all side by side (the quantized module too, when it ships)
+        extra = (qbuilt,) if qbuilt is not None and q_ok else ()
+        peers, times = side_by_side((model, res.model, tp_net), graph.input_shape, target,
+                                    protocol, work, args.rounds, extra)  # fmt: skip
+        original_ms, amc_ms, tp_ms = times[:3]
+        q_ms = times[3] if extra else None
+        if q_ms is not None:
+            quant["latency_ms_side_by_side"] = round(q_ms, 4)
+        if ships(q_ms, amc_ms):
+            out_ms, out_acc = cast(float, q_ms), quant["accuracy"]
+        else:
+            out_ms, out_acc = amc_ms, res.pruned_acc
         print(f"[{name}] side by side: {original_ms:.3f} / {out_ms:.3f} / {tp_ms:.3f} ms, "
               f"peers {peers}", flush=True)  # fmt: skip
+    quant["shipped"] = out_ms != amc_ms
     best_peer = min((v for k, v in peers.items() if k != "missing"), default=float("nan"))
     return {
         "timing": (
@@ -163,10 +190,12 @@ def run_arch(name: str, args: argparse.Namespace, data, target) -> dict:  # type
         "original_ms": round(original_ms, 4),
         "original_acc": round(original_acc, 2),
         "budget_ms": round(budget, 4),
-        "amc_ms": round(res.pruned_ms, 4),
+        "amc_ms": round(amc_ms, 4),
         "amc_acc": round(res.pruned_acc, 2),
         "amc_acc_before_finetune": round(res.pruned_acc_before_finetune, 2),
         "amc_predicted_ms": round(res.predicted_ms, 4),
+        "amc_searched_predicted_ms": round(res.searched_ms, 4),  # before the budget fill
+        "amc_verified_predicted_measured_ms": [[round(p, 4), round(m, 4)] for p, m in res.verified],
         "quantize": quant,
         "compressed_ms": round(out_ms, 4),
         "compressed_acc": round(out_acc, 2),
@@ -189,17 +218,18 @@ def run_arch(name: str, args: argparse.Namespace, data, target) -> dict:  # type
     }
 
 
-def side_by_side(nets, shape, target, protocol, work, rounds):  # type: ignore[no-untyped-def]
-    """Compile the networks, then time them and the peers in interleaved rounds (medians): on a
-    shared host, timings taken minutes apart are not comparable."""
+def side_by_side(nets, shape, target, protocol, work, rounds, extra=()):  # type: ignore[no-untyped-def]
+    """Compile the networks, then time them, the compiled modules `extra` and the peers in
+    interleaved rounds (medians): on a shared host, timings taken minutes apart are not
+    comparable."""
     import statistics
 
     from codesign.compression.amc.own_layers import compile_own
     from codesign.peers import time_peers
     from codesign.tvm_backend.runner import LocalRunner, run_steady
 
-    builts = [compile_own(n, shape, target) for n in nets]
-    ms: list[list[float]] = [[] for _ in nets]
+    builts = [compile_own(n, shape, target) for n in nets] + list(extra)
+    ms: list[list[float]] = [[] for _ in builts]
     peer_ms: dict[str, list[float]] = {}
     missing: dict = {}
     for _ in range(rounds):
@@ -237,6 +267,8 @@ def main() -> int:
         help="final side-by-side timing rounds (0: keep the first timings)",
     )
     ap.add_argument("--haq-episodes", type=int, default=4, help="0: no HAQ step")
+    ap.add_argument("--max-quant-drop", type=float, default=0.5,
+                    help="most accuracy points HAQ may lose against the pruned network to ship")  # fmt: skip
     ap.add_argument(
         "--threads",
         type=int,

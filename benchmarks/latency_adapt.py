@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -60,23 +59,16 @@ def measure_target(spec: str, space_name: str, db: Path, n: int, seed: int, out:
     )
 
 
-def noise(space: Any, target: Any, arch: Any, times: int = 5) -> dict[str, Any]:
-    """One network measured `times` times: its relative spread (max - min) / median."""
-    from codesign.latency.networks import compile_network
-    from codesign.modules import build_network
-    from codesign.tvm_backend.runner import LocalRunner
+def noise(space: Any, target: Any, arch: Any) -> dict[str, Any]:
+    """One network's repeat spread on `target` (`latency_model.noise_floor`, the LUT's statistic)."""
+    from latency_model import noise_floor
 
-    built, _ = compile_network(build_network(space, arch), target, label="noise")
-    runner, samples = LocalRunner(), []
-    for _ in range(times):
-        samples.append(runner.run(built, MeasureProtocol()).median_ms)
-        time.sleep(0.5)
-    med = statistics.median(samples)
+    floor = noise_floor(space, target, None, arch, "untuned", MeasureProtocol())
     return {
         "target": target.key,
         "space": space.name,
-        "noise_floor": round((max(samples) - min(samples)) / med, 4),
-        "noise_samples_ms": [round(s, 5) for s in samples],
+        "noise_floor": floor["spread"],
+        "noise_samples_ms": floor["samples_ms"],
     }
 
 

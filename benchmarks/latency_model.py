@@ -35,25 +35,23 @@ from codesign.search.space import get_space  # noqa: E402
 from codesign.targets import parse_target  # noqa: E402
 
 
-def noise_floor(space, target, db, arch, mode: str, protocol, times: int = 5) -> dict:
+def noise_floor(space, target, db, arch, mode: str, protocol) -> dict:
+    """One network measured again and again with the LUT's probe (`repeat_spread`: the same
+    statistic as the LUT's recorded noise floor, (p90 - p10) / median of its medians)."""
     from codesign.tvm_backend.database import open_tuning_database
-    from codesign.tvm_backend.runner import LocalRunner
+    from codesign.tvm_backend.runner import LocalRunner, repeat_spread
 
     database = open_tuning_database(db, target.key) if mode == "tuned" else None
     net = build_network(space, arch)
     built, _ = compile_network(net, target, label=arch.encode(), database=database)
-    runner = LocalRunner()
-    samples = []
-    for _ in range(times):
-        samples.append(runner.run(built, protocol).median_ms)
-        time.sleep(1.0)
-    med = statistics.median(samples)
+    spread, samples = repeat_spread(LocalRunner(), built, protocol)
     return {
         "arch": arch.encode(),
-        "times": times,
-        "median_ms": round(med, 5),
+        "times": len(samples),
+        "median_ms": round(statistics.median(samples), 5),
         "samples_ms": [round(s, 5) for s in samples],
-        "spread": round((max(samples) - min(samples)) / med, 4),
+        "spread": round(spread, 4),
+        "statistic": "(p90 - p10) / median",
         "cv": round(statistics.pstdev(samples) / statistics.mean(samples), 4),
     }
 

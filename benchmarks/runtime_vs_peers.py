@@ -178,6 +178,11 @@ def bench_model(
     med = {k: statistics.median(v) for k, v in own.items()}
     per_call = {k: round(statistics.median(v), 4) for k, v in call.items()}
     best_peer = min(med["onnxruntime"], med["openvino"])
+    # The host runs in states ~1.5x apart for seconds to minutes, so the median of a few rounds
+    # says which state most rounds fell in; each engine's fastest round is its time in the fast
+    # state (reported beside the medians, which the goals use).
+    fastest = {k: min(v) for k, v in own.items()}
+    fastest_peer = min(fastest["onnxruntime"], fastest["openvino"])
     tun = tuned.artifact.manifest.data["tuning"]
     state_dict = (model_dir / "weights.pt").stat().st_size
     return {
@@ -196,6 +201,11 @@ def bench_model(
         "per_call_over_own_timer_tvm": round(per_call["tvm_tuned"] / med["tvm_tuned"], 3),
         "ratio_best_peer_over_scheduled": round(best_peer / med["tvm_scheduled"], 3),
         "ratio_best_peer_over_tuned": round(best_peer / med["tvm_tuned"], 3),
+        "fastest_round_ms": {k: round(v, 4) for k, v in fastest.items()},
+        "ratio_best_peer_over_scheduled_fastest_rounds": round(
+            fastest_peer / fastest["tvm_scheduled"], 3
+        ),
+        "ratio_best_peer_over_tuned_fastest_rounds": round(fastest_peer / fastest["tvm_tuned"], 3),
         "ratio_ort_over_tvm": round(med["onnxruntime"] / med["tvm_tuned"], 3),
         "ratio_openvino_over_tvm": round(med["openvino"] / med["tvm_tuned"], 3),
         "ratio_torch_over_tvm": round(med["torch"] / med["tvm_tuned"], 3),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Literal, TypeVar, cast, overload
 
 import torch
 from torch import nn
@@ -157,10 +157,22 @@ def randomize_bn(model: _M, seed: int = 0) -> _M:
 
 
 def fold_bn(model: _M) -> _M:
-    """An eval-mode copy with every BatchNorm folded into the conv before it (conv gains a bias)."""
+    """An eval-mode copy with every BatchNorm folded into the conv before it (conv gains a bias).
+
+    The project's blocks fold by their structure (ConvBNAct); a user's model with BatchNorm left
+    after that is folded through a torch.fx trace (`torch.fx.experimental.optimization.fuse`:
+    every BatchNorm2d whose input is only a Conv2d's output); one that does not trace keeps its
+    BatchNorm here, and `tvm_backend.lower.fold_batch_norm` folds the bias-less convs' later."""
     model = copy.deepcopy(model).eval()
     for m in model.modules():
         if isinstance(m, ConvBNAct) and isinstance(m[1], nn.BatchNorm2d):
             m[0] = fuse_conv_bn_eval(m[0], m[1])
             m[1] = nn.Identity()
+    if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        from torch.fx.experimental.optimization import fuse
+
+        try:
+            return cast(_M, fuse(model, inplace=True))
+        except Exception:  # noqa: BLE001 - not symbolically traceable: left to the Relax pass
+            return model
     return model

@@ -134,7 +134,8 @@ def quantize_step(
     out: str | Path, progress: bool = True, haq: Any = None,
 ) -> dict[str, Any] | None:  # fmt: skip
     """HAQ for any CNN on the pruned `model` (`haq`: its OwnHAQSettings), or None when it is
-    not installed. The search checkpoint goes to `out`."""
+    not installed. The search checkpoint goes to `out`; "built" is the compiled module (with
+    its runtime weights), "library" the exported shared library."""
     try:
         from codesign.compression.haq.own import OwnHAQSettings, quantize_own
     except ImportError:
@@ -149,6 +150,7 @@ def quantize_step(
                        progress=progress)  # fmt: skip
     res.built.export(out / "model.so")
     return {"accuracy": res.accuracy, "latency_ms": res.latency_ms, "library": str(out / "model.so"),
+            "built": res.built,
             **{k: v for k, v in res.to_dict().items() if k not in ("layers",)}}  # fmt: skip
 
 
@@ -197,7 +199,9 @@ def compress(
         CompressStep("original", res.original_acc, res.original_ms),
         CompressStep("prune", res.pruned_acc, res.pruned_ms,
                      f"AMC, {res.episodes} episodes; {res.pruned_acc_before_finetune:.2f}% "
-                     "before fine-tuning"),
+                     f"before fine-tuning; predicted {res.searched_ms:.4g} ms searched, "
+                     f"{res.predicted_ms:.4g} ms after the budget fill and "
+                     f"{len(res.verified)} whole-network measurement(s)"),
     ]  # fmt: skip
     quant, skipped = None, None
     if not s.quantize:

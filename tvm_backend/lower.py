@@ -86,14 +86,40 @@ def finish_lowering(
     from codesign.tvm_backend.layout import nhwc_interface, to_nhwc
 
     try:
+        mod = fold_batch_norm(mod)
         if nhwc_in or nhwc_out:
             mod = nhwc_interface(mod, nhwc_in=nhwc_in, nhwc_out=nhwc_out)
         mod = to_nhwc(mod)
     except Exception as err:
-        raise BuildError(f"could not convert the module to NHWC: {err}") from err
+        raise BuildError(f"could not fold BatchNorm or convert the module to NHWC: {err}") from err
     if params:
         mod, params = lift_transform_params(mod, params)
     return mod, params
+
+
+def fold_batch_norm(mod: Any) -> Any:
+    """`mod` with inference BatchNorm folded into the conv before it, when it has any: a user's
+    model can still have it (the project's modules fold it before export, `modules.fold_bn`).
+    Left alone it ran as separate kernels: MobileNetV2 at 64x64 in 1.8 ms instead of 0.5. The
+    folded weights are computed at once (ConvertLayout crashes on the unfolded expressions)."""
+    import tvm
+    from tvm import relax
+
+    from codesign.tvm_backend.folding import memoized_builds
+
+    bn, found = tvm.ir.Op.get("relax.nn.batch_norm"), []
+
+    def visit(expr: Any) -> None:
+        if isinstance(expr, relax.Call) and expr.op.same_as(bn):
+            found.append(expr)
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func.body, visit)
+    if not found:
+        return mod
+    with memoized_builds():
+        return relax.transform.FoldConstant()(relax.transform.FoldBatchnormToConv2D()(mod))
 
 
 def block_interface(spec: BlockSpec) -> dict[str, bool]:

@@ -7,8 +7,9 @@ so an interrupted run resumes where it stopped.
 
 A budget of N trials per task is spent in two parts: convolution tasks first get up to N/2
 register-tiled seed schedules (`seeds`, measured once per task), then MetaSchedule's
-evolutionary search spends the rest, starting from the best records. Extra trials where a
-network spends its time: `focus`.
+evolutionary search spends the rest, starting from the best records; each task's winner is
+then timed in pairs beside the analytic schedule it would replace (`confirm`). Extra trials
+where a network spends its time: `focus`.
 
 Traps handled here (see docs/tvm-guide.md §1):
 - the stock builder imports `tvm.s_tir.tensor_intrin` in every worker (~22 s, past its 30 s
@@ -29,6 +30,7 @@ from typing import Any
 
 from codesign.errors import TuningError
 from codesign.targets import Target
+from codesign.tvm_backend.confirm import CONFIRM_MIN_TRIALS, confirm_best
 from codesign.tvm_backend.fast_import import import_intrinsics
 from codesign.tvm_backend.ms_runner import fastest_of_repeats
 from codesign.tvm_backend.seeds import measure_seeds, seed_budget
@@ -189,8 +191,10 @@ def seed_then_search(
     on_trials: Callable[[int], None] | None = None,
 ) -> None:
     """Spend `trials` on each of `todo`: seed schedules first (`seed_budget`, convolutions not
-    seeded yet), then MetaSchedule's search gets what the seeds left of each task's budget.
+    seeded yet), then MetaSchedule's search gets what the seeds left of each task's budget;
+    then each task's best record is confirmed beside its analytic schedule (`confirm_best`).
     The builder and runner decide where candidates run (locally, or on a device farm)."""
+    plain_builder = builder
     seeded = measure_seeds(
         [t.mod for t in todo],
         target,
@@ -209,6 +213,8 @@ def seed_then_search(
     for left, tasks in groups.items():
         if left > 0:
             _search(tasks, target, left, work_dir, seed, builder, runner, database)
+    if trials >= CONFIRM_MIN_TRIALS:  # the winners, timed beside what they replace (confirm.py)
+        confirm_best([t.mod for t in todo], target, database, builder=plain_builder, runner=runner)
 
 
 def _search(

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from codesign.pipeline import plots
-from codesign.pipeline.compress import MIN_GAIN
+from codesign.pipeline.compress import MAX_GAIN, MIN_GAIN
 from codesign.pipeline.config import PipelineConfig
 
 
@@ -263,7 +263,7 @@ def _compression_lines(s: dict[str, Any], rel: dict[str, Path]) -> list[str]:
             new, old = kept[out["shipped"]]
             gain = out.get("min_gain")
             by = (
-                f" by more than {gain:.1%} (the host's noise floor, at least {MIN_GAIN:.0%})"
+                f" by more than {gain:.1%} (the host's noise floor, within {MIN_GAIN:.0%}-{MAX_GAIN:.0%})"
                 if gain
                 else ""
             )

@@ -162,3 +162,58 @@ def test_compress_cli_end_to_end(tmp_path, monkeypatch, capsys) -> None:
     assert (out / "model.tar").is_file() and "| prune |" in (out / "compress.md").read_text()
     assert "compile" in capsys.readouterr().out
     del sys.modules["tinyfactory"]
+
+
+def test_fill_budget_uses_the_budget_the_search_left() -> None:
+    from codesign.compression.amc.budget import fill_budget
+
+    channels = {"a": 64, "b": 32, "c": 128}
+    options = {n: tuple(range(8, c + 1, 8)) for n, c in channels.items()}
+    cost = {"a": 0.01, "b": 0.03, "c": 0.002}  # ms per kept channel
+
+    def latency(counts: dict[str, int]) -> float:
+        return 0.5 + sum(cost[n] * counts.get(n, c) for n, c in channels.items())
+
+    searched = {"a": 16, "b": 8, "c": 32}
+    budget = 1.2
+    filled = fill_budget(searched, options, channels, latency, budget)
+    assert latency(searched) < 0.9 * budget and latency(filled) <= budget
+    assert all(filled[n] >= searched[n] for n in channels) and filled != searched
+    for n, opts in options.items():  # nothing left that fits: every one-step widening overruns
+        wider = [o for o in opts if o > filled[n]]
+        assert not wider or latency({**filled, n: wider[0]}) > budget
+    # an optimistic estimate ranks, the latency decides: still within the budget
+    filled2 = fill_budget(searched, options, channels, latency, budget,
+                          estimate=lambda c: 0.5 * latency(c))  # fmt: skip
+    assert latency(filled2) <= budget
+    # a policy already over its budget is left as it is
+    assert fill_budget(searched, options, channels, latency, 0.1) == searched
+
+
+def test_a_policy_measured_over_its_budget_is_brought_back_within_it() -> None:
+    from codesign.compression.amc.budget import fill_budget, shrink_to_budget, to_budget
+
+    channels = {"a": 64, "b": 32, "c": 128}
+    options = {n: tuple(range(8, c + 1, 8)) for n, c in channels.items()}
+    cost = {"a": 0.01, "b": 0.03, "c": 0.002}
+
+    def latency(counts: dict[str, int]) -> float:  # the model: 30% optimistic
+        return 0.5 + sum(cost[n] * counts.get(n, c) for n, c in channels.items())
+
+    measured: list[dict[str, int]] = []
+
+    def measure(counts: dict[str, int]) -> float:  # the device
+        measured.append(dict(counts))
+        return 1.3 * latency(counts)
+
+    budget = 1.2
+    start = fill_budget({"a": 16, "b": 8, "c": 32}, options, channels, latency, budget)
+    assert measure(start) > budget  # predicted within the budget, measured over it
+    counts, seen = to_budget(start, measure, latency, budget, options=options,
+                             channels=channels, rounds=3)  # fmt: skip
+    assert 1.3 * latency(counts) <= budget and len(seen) >= 2 and seen[0][1] > budget
+    assert counts in measured[1:] and len(measured) <= 1 + 3 + 1  # bounded, and verified
+    # narrowing alone stops at the budget, and at the smallest widths when it cannot get there
+    assert latency(shrink_to_budget(start, options, channels, latency, 1.0)) <= 1.0
+    smallest = shrink_to_budget(start, options, channels, latency, 0.0)
+    assert smallest == {n: o[0] for n, o in options.items()}

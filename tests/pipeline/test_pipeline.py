@@ -82,6 +82,20 @@ def test_compress_methods_chain_by_default_and_the_old_key_still_reads(tmp_path:
     assert haq.compress.haq_keys() != cfg.compress.haq_keys()
 
 
+def test_shipping_margin_follows_the_noise_floor_within_bounds(tmp_path: Path) -> None:
+    from codesign.lut import LatencyTable
+    from codesign.pipeline.compress import MAX_GAIN, MIN_GAIN, measured_faster, min_gain
+
+    db = tmp_path / "lut.sqlite"
+    for floor, want in ((None, MIN_GAIN), (0.005, MIN_GAIN), (0.041, 0.041), (0.475, MAX_GAIN)):
+        with LatencyTable(db) as table:
+            if floor is not None:
+                table.set_noise_floor(floor, network="n")
+        assert min_gain(db) == pytest.approx(want)
+    assert measured_faster(0.85, 1.0, MAX_GAIN) and not measured_faster(0.95, 1.0, MAX_GAIN)
+    assert measured_faster(None, 1.0, MAX_GAIN)  # unmeasured: nothing to refuse on
+
+
 def test_missing_or_broken_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "none.toml")

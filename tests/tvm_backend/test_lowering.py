@@ -52,6 +52,40 @@ def test_whole_network_tvm_equals_torch(tiny, x86) -> None:
     np.testing.assert_allclose(run_built(built, x), ref, rtol=1e-4, atol=1e-4)
 
 
+class _ResidualBN(torch.nn.Module):
+    """A user's CNN that calls its BatchNorms by attribute (as ResNets do): no Sequential pairs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(3, 16, 3, 2, 1, bias=False), torch.nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = torch.nn.Conv2d(16, 16, 3, 1, 1, groups=16), torch.nn.BatchNorm2d(16)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(y + self.bn2(self.conv2(y)))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_a_user_models_batch_norm_folds_into_its_convolutions(x86) -> None:
+    net = randomize_bn(_ResidualBN(), seed=3).eval()
+    lowered = lower_module(net, (1, 3, 16, 16))
+    assert "batch_norm" not in lowered.mod.script()  # folded: no BatchNorm kernels at run time
+    x = np.random.default_rng(2).standard_normal((1, 3, 16, 16)).astype("float32")
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x)).numpy()
+    out = run_built(compile_module(lowered, x86), x)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    # an ExportedProgram (no module to trace) is folded in Relax: convs without a bias
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from codesign.tvm_backend.lower import fold_batch_norm
+
+    program = torch.export.export(net, (torch.zeros(1, 3, 16, 16),))
+    mod = fold_batch_norm(from_exported_program(program, unwrap_unit_return_tuple=True))
+    assert mod.script().count("R.nn.batch_norm(") == 1  # bn2 follows conv2's bias add: kept
+
+
 def test_arm_cross_compiled_library_is_aarch64(tmp_path) -> None:
     if shutil.which("aarch64-linux-gnu-gcc") is None:
         pytest.skip("aarch64 cross compiler not installed (apt-get install gcc-aarch64-linux-gnu)")

@@ -97,3 +97,36 @@ def test_tuning_workers_start_without_torch_and_the_environment_is_restored(
     assert os.environ["PYTHONPATH"] == "/somewhere/else"
     after = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "no torch" not in after.stdout
+
+
+def test_a_tuned_record_that_was_timed_lucky_loses_to_the_analytic_schedule(block_tasks, x86):
+    """A record whose time was taken in a fast moment of the host (here: 1 ns, the naive loop
+    nest) is timed again beside the analytic schedule; the analytic schedule is committed
+    with its paired time and ranks first; a second confirmation measures nothing."""
+    import tvm_ffi
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.database import TuningRecord
+
+    from codesign.tvm_backend.confirm import confirm_best
+    from codesign.tvm_backend.ms_runner import fastest_of_repeats
+    from codesign.tvm_backend.schedules import analytic_schedule
+    from codesign.tvm_backend.tuning import fast_build
+
+    ts, db = block_tasks
+    task = max(ts.tasks, key=lambda t: len(t.mod.script()))  # the expand conv: real work
+    naive = s_tir.Schedule(task.mod)
+    naive.get_sblock("root")  # the naive loop nest (an empty trace is not a valid record)
+    args = ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])
+    db.commit_tuning_record(
+        TuningRecord(naive.trace, db.commit_workload(task.mod), [1e-9], x86.tvm_target(), args)
+    )
+    builder, runner = ms.builder.LocalBuilder(f_build=fast_build), fastest_of_repeats(2, 5)
+    ratios = confirm_best([task.mod], x86, db, builder=builder, runner=runner, rounds=2)
+    assert set(ratios) == {0} and ratios[0] < 1.0  # scheduled beats naive in every pair
+    best = db.best_record(task.mod)
+    assert float(best.run_secs[0]) == pytest.approx(1e-9 * ratios[0])
+    sch = s_tir.Schedule(task.mod)
+    best.trace.apply_to_schedule(sch, remove_postproc=False)
+    assert tvm_ffi.structural_equal(sch.mod, analytic_schedule(task.mod, x86).mod)
+    assert confirm_best([task.mod], x86, db, builder=builder, runner=runner) == {}
