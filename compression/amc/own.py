@@ -68,6 +68,8 @@ class OwnSettings:
     def __post_init__(self) -> None:
         if self.levels < 2:
             raise PruneError(f"levels must be >= 2, got {self.levels}")
+        if self.verify_rounds < 0:
+            raise PruneError(f"verify_rounds must be >= 0, got {self.verify_rounds}")
         if self.missing not in ("measure", "scale"):
             raise PruneError(f"missing must be 'measure' or 'scale', got {self.missing!r}")
 
@@ -305,12 +307,11 @@ def prune_own(
                         progress=progress)  # fmt: skip
     searched = OwnPolicy(tuple((n, int(k)) for n, k in
                                (kv.split("=") for kv in result.best["policy"].split(","))))  # fmt: skip
-    best = searched
+    best, channels = searched, {u.name: u.channels for u in graph.units}
     if settings.fill:
         scaled = OwnLatency(graph, layers, "scale")  # ranks widenings without compiling
         scaled.a, scaled.b = latency.a, latency.b
-        filled = fill_budget(searched.as_dict(), env.options,
-                             {u.name: u.channels for u in graph.units}, latency, budget_ms,
+        filled = fill_budget(searched.as_dict(), env.options, channels, latency, budget_ms,
                              estimate=scaled)  # fmt: skip
         best = OwnPolicy(tuple((u.name, filled[u.name]) for u in graph.units))
         say(f"budget fill: {latency(searched.as_dict()):.4g} -> {latency(filled):.4g} ms "
@@ -323,13 +324,13 @@ def prune_own(
             latency,
             budget_ms,
             options=env.options,
-            channels={u.name: u.channels for u in graph.units},
+            channels=channels,
             rounds=settings.verify_rounds,
             fill=settings.fill,
         )
         best = OwnPolicy(tuple((u.name, counts[u.name]) for u in graph.units))
-        say(f"measured whole (predicted ms, measured ms): {verified}; "
-            f"now {latency(counts):.4g} ms predicted")  # fmt: skip
+        seen = ", ".join(f"{p:.4g} / {m:.4g}" for p, m in verified)
+        say(f"policies measured whole (predicted / measured ms): {seen}; budget {budget_ms:.4g}")
     pruned = env.pruned(best)
     acc_before = evaluate(pruned, data)
     ft = settings.finetune
