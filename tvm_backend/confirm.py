@@ -19,7 +19,7 @@ confirmation is recorded (`confirm:<task>:<best record's time>`), so a warm run 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from codesign.targets import Target
@@ -39,7 +39,6 @@ def confirm_best(
     builder: Any,
     runner: Any,
     rounds: int = ROUNDS,
-    on_trials: Callable[[int], None] | None = None,
 ) -> dict[int, float]:
     """Time each task's best record beside its analytic schedule (`rounds` pairs) and commit
     the analytic schedule with its paired time. Returns analytic / best per task confirmed
@@ -71,8 +70,6 @@ def confirm_best(
             for b in built:
                 if b.artifact_path:
                     remove_build_dir(b.artifact_path)
-        if on_trials is not None:
-            on_trials(2 * rounds)
         paired = [a / b for b, a in zip(secs[0::2], secs[1::2], strict=True) if a and b]
         if not paired:
             continue
