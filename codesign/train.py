@@ -1,7 +1,9 @@
 """Seeded training and evaluation loops shared by search, compression and the artifact.
 
 `train` is resumable: with `checkpoint=PATH` it saves model, optimiser and schedule after every
-epoch and continues from the last saved epoch when called again with the same path.
+epoch and continues from the last saved epoch when called again with the same path, config,
+dataset and architecture (parameter names and shapes); anything else starts over (a checkpoint
+of a differently pruned network made the resumed fine-tune fail to load it).
 """
 
 from __future__ import annotations
@@ -68,6 +70,18 @@ def evaluate(
     return 100.0 * correct / max(total, 1)
 
 
+def _start_digest(model: nn.Module, data: Dataset) -> str:
+    """What a checkpoint can resume: the model's architecture (parameter names, shapes, dtypes)
+    on the dataset. Not the weights' values: a resumed run rebuilds its model as it can."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps(data.info.to_dict(), sort_keys=True, default=str).encode())
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+    return h.hexdigest()[:16]
+
+
 def train(
     model: nn.Module,
     data: Dataset,
@@ -103,9 +117,10 @@ def train(
     history: list[dict[str, float]] = []
     start_epoch = 0
     ckpt = Path(checkpoint) if checkpoint else None
+    start = _start_digest(model, data) if ckpt is not None else ""
     if ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state.get("config") == config.to_dict():
+        if state.get("config") == config.to_dict() and state.get("start") == start:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
@@ -155,6 +170,7 @@ def train(
                     "epoch": epoch + 1,
                     "history": history,
                     "config": config.to_dict(),
+                    "start": start,
                 },
                 tmp,
             )

@@ -110,11 +110,13 @@ def run_episodes(
     | None = None,
     desc: str = "search",
     progress: bool = True,
+    first: Sequence[float] | None = None,
 ) -> EpisodesResult:
     """Run (or resume) episodes 0..`episodes`-1 (see the module docstring). `on_record(rec)`
     sees every new record after it is checkpointed; `postfix(rec, best)` is the progress text;
     `annotate(rec, losses, episode, seconds)` gives the stored record (default: the record with
-    the agent's losses)."""
+    the agent's losses). `first`: the actions of episode 0 in place of the agent's (a scripted
+    probe, e.g. HAQ's uniform 8-bit policy), learned from like any other episode."""
     from tqdm import tqdm
 
     t0 = time.time()
@@ -142,7 +144,7 @@ def run_episodes(
             s = env.reset()
             states, actions = [], []
             while s is not None:
-                a = agent.act(s, ep)
+                a = first[len(actions)] if ep == 0 and first else agent.act(s, ep)
                 states.append(s)
                 actions.append(a)
                 s = env.step(a)

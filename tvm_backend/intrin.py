@@ -133,6 +133,19 @@ def is_int8_task(mod: Any) -> bool:
     return block is not None
 
 
+def task_intrin(task_mod: Any, target: Any) -> str:
+    """The int8 intrinsic `target` tensorizes the task with ("" for a task that is not a
+    tensorizable int8 convolution, or a target without one); registered when returned."""
+    if target.name == "cuda" or not is_int8_task(task_mod):
+        return ""
+    from codesign.tvm_backend.precision import precision_menu
+
+    intrin = precision_menu(target).int8_intrin
+    if intrin:
+        register_intrinsics()
+    return intrin
+
+
 def int8_space(intrin: str) -> Any:
     """TVM's x86 tensorization rule set (ScheduleRule::DefaultX86) for `intrin`."""
     from tvm.s_tir import meta_schedule as ms

@@ -15,6 +15,8 @@ every sampled decision from the target instead of at random:
                     parallelises over the target's threads
     unrolling       64 (MetaSchedule's choices are 0, 16, 64, 512); compute locations: the
                     sketch's own
+    int8 convs      the tensorizing space tuning uses (`intrin.int8_space`: VNNI or AVX2 dot
+                    products), the register tile counted in the intrinsic's output vectors
 
 Each schedule becomes an ordinary MetaSchedule record (`analytic_database`) that the compile
 recipe applies to every task the tuning database has no record for, so tuning only ever replaces
@@ -60,8 +62,14 @@ def divisors(n: int, most: int) -> list[int]:
     return [d for d in range(1, min(n, most) + 1) if n % d == 0]
 
 
-def tile_decisions(loops: list[Loop], lanes: int, registers: int) -> list[tuple[int, ...]]:
-    """The split factors of every loop of a multi-level tiling, outermost level first."""
+def tile_decisions(
+    loops: list[Loop], lanes: int, registers: int, *, tensorized: bool = False
+) -> list[tuple[int, ...]]:
+    """The split factors of every loop of a multi-level tiling, outermost level first.
+
+    `tensorized`: the loops are those around a dot-product intrinsic (int8), whose channel loop
+    counts output vectors; its register tile keeps the channel vectors one level out (the
+    innermost loop is vectorised, and the intrinsic's vectors cannot be widened again)."""
     from codesign.tvm_backend.seeds import ConvLoops, register_tiles
 
     spatial = [i for i, lp in enumerate(loops) if lp.spatial]
@@ -86,7 +94,9 @@ def tile_decisions(loops: list[Loop], lanes: int, registers: int) -> list[tuple[
             inner[prev] = max(divisors(loops[prev].extent, min(rows, 14)))
     out: list[tuple[int, ...]] = []
     for i, lp in enumerate(loops):
-        if lp.spatial:
+        if tensorized and spatial and i == spatial[-1]:
+            out.append((lp.extent // inner[i], 1, inner[i], 1))
+        elif lp.spatial:
             out.append((lp.extent // inner[i], 1, 1, inner[i]))
         else:
             r = lp.extent if lp.extent <= REDUCTION_WHOLE else max(divisors(lp.extent, 64))
@@ -118,10 +128,16 @@ def analytic_schedule(
     sketch of the task's design space passes the postprocessors. `ctx` and `sketches` (its
     design space) may be passed by a caller that already generated them."""
 
+    from codesign.tvm_backend.intrin import task_intrin
     from codesign.tvm_backend.seeds import vector_shape
 
     ctx = ctx or design_context(task_mod, target)
     lanes, registers = vector_shape(target)
+    tensorized = bool(task_intrin(task_mod, target))
+    if tensorized:
+        # an int8 convolution: its channel loop counts the intrinsic's output vectors (16 int32
+        # lanes for VNNI), so the register tile is sized in vectors
+        lanes = 1
     if sketches is None:
         sketches = list(ctx.generate_design_space())
     # Multi-level tiling's second sketch accumulates the register tile in a local cache and
@@ -133,9 +149,17 @@ def analytic_schedule(
         if loops and not any(lp.spatial for lp in loops):
             continue  # a reduction split across threads (rfactor): slower than the plain loop
         serial = _work(task_mod, loops) < PARALLEL_MIN_WORK
-        if not loops and serial:
+        if not loops and serial and _is_float32(task_mod):
             return None  # small data movement (pooling, transposes): the plain loops are fine
-        sch = _apply(sketch, task_mod, tile_decisions(loops, lanes, registers), ctx, serial)
+        # (not so for small int8 / fp16 conversions: quantizing a 16x32x32 input took 58 us
+        # as plain loops, 10 us vectorised)
+        sch = _apply(
+            sketch,
+            task_mod,
+            tile_decisions(loops, lanes, registers, tensorized=tensorized),
+            ctx,
+            serial,
+        )
         if sch is not None and (_is_float32(task_mod) or _builds(sch, target)):
             return sch
     return None
@@ -189,7 +213,8 @@ def _builds(sch: Any, target: Target) -> bool:
 
 
 def design_context(task_mod: Any, target: Target) -> Any:
-    """MetaSchedule's tuning context of a task for `target` (design space and postprocessors).
+    """MetaSchedule's tuning context of a task for `target` (design space and postprocessors):
+    the default space, or for an int8 convolution the tensorizing one tuning uses (`intrin`).
 
     Seeded: the sketches carry sampled decisions besides the tiles this module chooses (compute
     locations among them), and an unseeded context drew them anew in every process, so one
@@ -198,12 +223,14 @@ def design_context(task_mod: Any, target: Target) -> Any:
     from tvm.s_tir import meta_schedule as ms
 
     from codesign.tvm_backend.fast_import import import_intrinsics
+    from codesign.tvm_backend.intrin import int8_space, task_intrin
 
     import_intrinsics()
+    intrin = task_intrin(task_mod, target)
     return ms.TuneContext(
         mod=task_mod,
         target=target.tvm_target(),
-        space_generator="post-order-apply",
+        space_generator=int8_space(intrin) if intrin else "post-order-apply",
         task_name="analytic",
         rand_state=DESIGN_SEED,
         num_threads=1,

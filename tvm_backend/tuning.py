@@ -270,20 +270,15 @@ def _tune_contexts(
     from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
     from tvm.s_tir.meta_schedule.utils import fork_seed
 
-    from codesign.tvm_backend.intrin import int8_space, is_int8_task, register_intrinsics
+    from codesign.tvm_backend.intrin import int8_space, task_intrin
 
-    intrin = ""
-    if any(is_int8_task(t.mod) for t in todo):
-        from codesign.tvm_backend.precision import precision_menu
-
-        intrin = precision_menu(target).int8_intrin
-        register_intrinsics()
     contexts, weights = [], []
     loggers = get_loggers_from_work_dir(work_dir, [t.extracted.task_name for t in todo])
     for task, logger, rand_state in zip(todo, loggers, fork_seed(seed, n=len(todo)), strict=True):
         if task.extracted.mod.attrs.get("tirx.is_scheduled", False):
             continue  # as MetaSchedule does: nothing to tune
-        space = int8_space(intrin) if intrin and is_int8_task(task.mod) else "post-order-apply"
+        intrin = task_intrin(task.mod, target)
+        space = int8_space(intrin) if intrin else "post-order-apply"
         contexts.append(
             ms.TuneContext(
                 mod=task.mod,

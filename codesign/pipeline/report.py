@@ -100,6 +100,10 @@ def _markdown(cfg: PipelineConfig, s: dict[str, Any], figs: dict[str, Path], out
                 ["shipped artifact: accuracy, compiled (%)", art["accuracy"]],
                 ["re-loaded with the plain runtime (ms)", s["verify"]["reloaded_ms"]],
                 [
+                    "per call from Python (ms; overhead over the runtime's timer)",
+                    _per_call(s["verify"]),
+                ],
+                [
                     "best baseline within budget",
                     max(best_base, key=lambda p: p["acc"])["label"] if best_base else "none",
                 ],
@@ -288,6 +292,13 @@ def _budget_note(cfg: PipelineConfig, b: dict[str, Any]) -> str:
         f"({_f(b['largest_ms'])} - {_f(b['smallest_ms'])}) = {_f(b['budget_ms'])} ms "
         "([target] budget_fraction; set [target] latency_ms for a budget in ms)."
     )
+
+
+def _per_call(ver: dict[str, Any]) -> str:
+    if ver.get("per_call_ms") is None:
+        return "–"
+    over = ver.get("per_call_overhead")
+    return f"{_f(ver['per_call_ms'])}" + (f" ({100 * over:+.1f}%)" if over is not None else "")
 
 
 def wilson(pct: float, n: int, z: float = 1.96) -> tuple[float, float]:

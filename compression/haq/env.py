@@ -263,6 +263,18 @@ class HAQEnv:
                 )
         return policy
 
+    def probe_actions(self) -> tuple[float, ...]:
+        """HAQ's reference point, the search's first episode: every layer at the widest bits the
+        menu runs exactly in int8 (w8a8, or w7a8 where the kernel's pair sums saturate), so in
+        int8 wherever the LUT measured that faster, else in its fastest float. Random warm-up
+        episodes alone chose 2-bit weights somewhere in every policy (a MobileNetV2 search of 4
+        episodes kept 44% of 96% accuracy); with the probe, the search returns nothing less
+        accurate than uniform 8-bit quantization within the budget."""
+        if not self.menu.has_int8:
+            return (self.action_of(self.ladder[0]),) * self.steps
+        w = 8 if self.menu.int8_exact(8, 8) else 7
+        return (self.action_of(w), self.action_of(8)) * len(self.layers)
+
     def policy_actions(self, policy: QuantPolicy) -> tuple[float, ...]:
         out = []
         for lb in policy.layers:

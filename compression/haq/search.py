@@ -1,7 +1,7 @@
 """The HAQ search: DDPG episodes over the HAQ environment, checkpointed after every episode.
 
 Each episode: the agent acts on every step's state (exploring; uniformly at random during its
-warm-up), the environment enforces the budget and scores the policy, and the agent stores the
+warm-up; the first episode is the environment's uniform 8-bit probe, `HAQEnv.probe_actions`), the environment enforces the budget and scores the policy, and the agent stores the
 episode with the enforced actions (what the policy really is) and learns. The best policy is the
 one with the highest reward; every policy seen meets the budget. `checkpoint=PATH` saves the
 agent (networks, replay buffer, RNG states), the history and the environment's accuracy cache
@@ -96,6 +96,7 @@ def haq_search(
         ),
         desc="haq",
         progress=progress,
+        first=env.probe_actions(),
     )
     b = res.best
     policy = QuantPolicy.decode(b["policy"])

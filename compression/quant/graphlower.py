@@ -83,9 +83,13 @@ def emit_layer(
     return _emit_float(em, x, lp, module, "float16" if precision == "fp16" else "float32")
 
 
-def _finish(mod: Any, em: Any, shape: tuple[int, ...], label: str) -> Lowered:
+def _finish(
+    mod: Any, em: Any, shape: tuple[int, ...], label: str, nhwc_in: bool = False,
+    nhwc_out: bool = False,
+) -> Lowered:  # fmt: skip
     from tvm import relax
 
+    from codesign.tvm_backend.layout import nhwc_shape
     from codesign.tvm_backend.lower import finish_lowering
 
     mod = relax.transform.CanonicalizeBindings()(mod)  # no `out = lv` left for the NHWC rewrites
@@ -93,8 +97,8 @@ def _finish(mod: Any, em: Any, shape: tuple[int, ...], label: str) -> Lowered:
     params = list(em.arrays)
     if em.params_as_input:
         mod["main"] = mod["main"].with_attr("num_input", 1)
-    mod, params = finish_lowering(mod, params)
-    return Lowered(mod, shape, "float32", params, label)
+    mod, params = finish_lowering(mod, params, nhwc_in=nhwc_in, nhwc_out=nhwc_out)
+    return Lowered(mod, nhwc_shape(shape) if nhwc_in else shape, "float32", params, label)
 
 
 def lower_layer(
@@ -105,7 +109,8 @@ def lower_layer(
     *,
     params_as_input: bool = False,
 ) -> Lowered:
-    """One layer alone, float32 in and out, as the network emits it (what the LUT measures)."""
+    """One layer alone, float32 in and out, as the network emits it (what the LUT measures):
+    NHWC where the network keeps it so (`GraphLayer.nhwc`; every conv writes NHWC)."""
     relax: Any = _relax()
 
     from codesign.tvm_backend.intrin import register_intrinsics
@@ -126,7 +131,7 @@ def lower_layer(
         raise
     except Exception as err:
         raise BuildError(f"could not lower layer {ly.path} at {precision}: {err}") from err
-    return _finish(bb.get(), em, ly.input_shape, ly.lut_key(precision))
+    return _finish(bb.get(), em, ly.input_shape, ly.lut_key(precision), ly.nhwc, not ly.linear)
 
 
 def lower_graph(

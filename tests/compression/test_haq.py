@@ -128,6 +128,14 @@ def test_search_meets_budget_and_resumes_exactly(world, lut, tmp_path):
     ddpg = DDPGConfig(hidden=32, warmup_episodes=2, batch_size=16, seed=3)
     full = haq_search(_env(world, "size", 0.4 * fp, lut), 4, ddpg, progress=False)
     assert all(h["cost"] <= 0.4 * fp for h in full.history)
+    # the first episode is the uniform 8-bit probe, lowered greedily to the budget
+    env = _env(world, "size", 0.4 * fp, lut)
+    probe = env.probe_actions()
+    assert {env.bits_of(a) for a in probe[1::2]} == {8}
+    bits = [
+        (env.bits_of(probe[2 * i]), env.bits_of(probe[2 * i + 1])) for i in range(len(env.layers))
+    ]
+    assert full.history[0]["policy"] == env.enforce(bits).encode()
     assert full.best.reward == max(h["reward"] for h in full.history)
     ck = tmp_path / "search.pt"
     haq_search(_env(world, "size", 0.4 * fp, lut), 2, ddpg, checkpoint=ck, progress=False)

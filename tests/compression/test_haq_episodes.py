@@ -33,7 +33,7 @@ class ToyError(CodesignError):
     pass
 
 
-def _run(episodes: int, path=None, fingerprint: str = "fp-a"):
+def _run(episodes: int, path=None, fingerprint: str = "fp-a", first=None):
     env = ToyEnv()
 
     def finish(actions: list[float]) -> Episode:
@@ -53,6 +53,7 @@ def _run(episodes: int, path=None, fingerprint: str = "fp-a"):
         extra=lambda: {"scored": dict(env.scored)},
         restore=lambda state: env.scored.update(state["scored"]),
         progress=False,
+        first=first,
     )
     return res, env
 
@@ -70,6 +71,15 @@ def test_resume_gives_the_uninterrupted_run(tmp_path) -> None:
     assert len(env.scored) == 5  # the caller's state came back with the checkpoint
     done, _ = _run(5, ck)  # a finished search runs nothing more
     assert done.resumed_from == 5 and done.history == resumed.history
+
+
+def test_a_scripted_first_episode_replaces_the_agents_actions_once() -> None:
+    plain, _ = _run(3)
+    probed, _ = _run(3, first=(0.7, 0.7, 0.7))
+    assert probed.history[0]["mean_action"] == pytest.approx(0.7)
+    assert probed.best["reward"] == pytest.approx(0.0)  # the probe is the optimum here
+    assert plain.history[0]["mean_action"] != pytest.approx(0.7)
+    assert probed.history[1]["mean_action"] != pytest.approx(0.7)
 
 
 def test_foreign_checkpoints_are_refused_and_kept(tmp_path) -> None:

@@ -58,7 +58,7 @@ def test_layers_found_by_module_path_with_bn_folded() -> None:
     assert [ly.depthwise for ly in g.layers] == [False, True, False, False, False]
     assert [(ly.h, ly.w) for ly in g.layers] == [(16, 16), (8, 8), (8, 8), (8, 8), (1, 1)]
     assert all(ly.int8_ok for ly in g.layers)
-    assert g.layers[1].lut_key("int8") == "layer:conv2d:1x16x8x8:o16:k3:s1:p1:g16:int8"
+    assert g.layers[1].lut_key("int8") == "layer:conv2d:1x16x8x8:o16:k3:s1:p1:g16:int8:nhwc"
     assert g.layers[4].lut_key("fp32") == "layer:linear:1x32:o10:fp32"
     assert not any(isinstance(m, nn.BatchNorm2d) for m in g.module.modules())
     x = torch.randn(4, *SHAPE[1:])
@@ -71,6 +71,30 @@ def test_layers_found_by_module_path_with_bn_folded() -> None:
     params = export_graph_params(q8, g)
     assert [p.layer.path for p in params] == [ly.path for ly in g.layers]
     assert all(p.qweight is not None for p in params)
+
+
+def test_a_layer_is_measured_in_the_layout_the_network_runs_it(x86) -> None:
+    """Inside the compiled network activations stay NHWC: a layer's LUT entry times it so, not
+    with NCHW<->NHWC transposes around it (they cost more than many a conv); the stem alone
+    reads the NCHW image."""
+    from codesign.compression.quant.graphlower import lower_layer
+    from codesign.tvm_backend.build import prepare
+    from codesign.tvm_backend.precision import precision_menu
+
+    net = small_net()
+    g = trace_graph(net, SHAPE)
+    ranges = calibrate_graph(g, [torch.randn(4, *SHAPE[1:])])
+    params = export_graph_params(fake_quant_graph(g, ranges, [(8, 8)] * 5), g)
+    menu = precision_menu(x86)
+    for i, want in ((0, (1, 3, 16, 16)), (1, (1, 8, 8, 16)), (3, (1, 8, 8, 16))):
+        ly = g.layers[i]
+        for p in ("fp32", "int8"):
+            low = lower_layer(params[i], g.module.get_submodule(ly.path), p, menu)
+            assert low.input_shape == want
+            kernels = [gv.name_hint for gv in prepare(low.mod).functions if gv.name_hint != "main"]
+            assert not any("transpose" in k for k in kernels) or i == 0, (ly.path, p, kernels)
+            if p == "fp32" and i > 0:
+                assert len(kernels) == 1, kernels  # the conv with its bias: nothing else
 
 
 def test_untraceable_and_layerless_models_are_refused() -> None:

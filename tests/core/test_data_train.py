@@ -79,6 +79,10 @@ def test_training_learns_and_is_seeded(tiny, tmp_path: Path) -> None:
     train(net, data, cfg, checkpoint=ckpt, progress=False)
     again = train(build_network(tiny, arch, seed=9), data, cfg, checkpoint=ckpt, progress=False)
     assert again[-1]["val_acc"] == pytest.approx(evaluate(net, data))
+    # another architecture on the same path starts over instead of failing to load it
+    other = build_network(tiny, tiny.uniform("k5e6"), seed=0)
+    hist = train(other, data, cfg, checkpoint=ckpt, progress=False)
+    assert len(hist) == cfg.epochs and hist[-1]["val_acc"] == pytest.approx(evaluate(other, data))
 
 
 def test_model_dir_round_trip(tiny, tmp_path: Path) -> None:

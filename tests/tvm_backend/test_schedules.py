@@ -31,11 +31,13 @@ def _host_flags() -> set[str]:
 @given(
     extents=st.lists(st.integers(1, 600), min_size=2, max_size=7),
     spatial=st.lists(st.booleans(), min_size=7, max_size=7),
-    lanes=st.sampled_from([4, 8, 16]),
+    lanes=st.sampled_from([1, 4, 8, 16]),
+    tensorized=st.booleans(),
 )
-def test_tile_decisions_split_every_loop_exactly(extents, spatial, lanes) -> None:
+def test_tile_decisions_split_every_loop_exactly(extents, spatial, lanes, tensorized) -> None:
     loops = [Loop(e, s) for e, s in zip(extents, spatial, strict=False)]
-    for loop, factors in zip(loops, tile_decisions(loops, lanes, 32), strict=True):
+    tiles = tile_decisions(loops, lanes, 32, tensorized=tensorized)
+    for loop, factors in zip(loops, tiles, strict=True):
         assert math.prod(factors) == loop.extent
         assert len(factors) == (4 if loop.spatial else 2)
 
