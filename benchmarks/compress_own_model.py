@@ -269,8 +269,8 @@ def main() -> int:
     ap.add_argument("--train-epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=0.02, help="training learning rate")
     ap.add_argument("--finetune-epochs", type=int, default=1)
-    ap.add_argument("--episodes", type=int, default=6)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--episodes", type=int, default=60)  # about 1 s each (MobileNetV2 64x64)
+    ap.add_argument("--warmup", type=int, default=15)
     ap.add_argument("--levels", type=int, default=4)
     ap.add_argument(
         "--rounds",
