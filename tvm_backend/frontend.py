@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from codesign.errors import BuildError
+from codesign.tvm_backend.layout import te_clips_as_ops
 from codesign.tvm_backend.lower import Lowered, finish_lowering, lower_module
 
 Reference = Callable[[np.ndarray], np.ndarray]
@@ -201,7 +202,7 @@ def import_onnx(
             )
     except Exception as err:
         raise ModelImportError(f"TVM's Relax ONNX frontend failed on {path}: {err}") from err
-    mod, _ = finish_lowering(mod, [])
+    mod, _ = finish_lowering(te_clips_as_ops(mod), [])
     ops = collections.Counter(n.op_type for n in graph.node)
     session = _ort_session(path)
     return Imported(
