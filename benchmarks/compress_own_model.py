@@ -172,13 +172,14 @@ def run_arch(name: str, args: argparse.Namespace, data, target) -> dict:  # type
         q_ms = times[3] if extra else None
         if q_ms is not None:
             quant["latency_ms_side_by_side"] = round(q_ms, 4)
-        if ships(q_ms, amc_ms):
+        shipped = ships(q_ms, amc_ms)
+        if shipped:
             out_ms, out_acc = cast(float, q_ms), quant["accuracy"]
         else:
             out_ms, out_acc = amc_ms, res.pruned_acc
         # the rounds as timed (original, AMC, torch-pruning[, quantized]; peers), and the
         # speedup within each round: robust to a host that drifts between rounds
-        out_i = 3 if out_ms == q_ms else 1
+        out_i = 3 if shipped else 1
         tvm_rounds = per_round["tvm"]
         round_speedups = [
             round(o / c, 3) for o, c in zip(tvm_rounds[0], tvm_rounds[out_i], strict=True)

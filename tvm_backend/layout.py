@@ -93,30 +93,28 @@ def te_clips_as_ops(mod: Any) -> Any:
     """`mod` with every `call_tir` of a TOPI maximum / minimum against a scalar constant (how
     TVM's ONNX frontend emits Clip) replaced by `relax.op.maximum` / `minimum`, which
     ConvertLayout moves to NHWC and fusion keeps in the convolution's kernel."""
-    import tvm
     from tvm import relax
 
     mod = relax.transform.FoldConstant()(mod)  # the bounds: where(isnan(c), inf, c) -> c
+    return relax.transform.DeadCodeElimination()(_rewrite(mod, _te_max_min))
+
+
+def _te_max_min() -> tuple[Any, Any]:
+    from tvm import relax
+    from tvm.relax.dpl import is_op, wildcard
+
+    func, args = wildcard(), wildcard()
     ops = {"maximum": relax.op.maximum, "minimum": relax.op.minimum}
-    call_tir = tvm.ir.Op.get("relax.call_tir")
 
-    @relax.expr_functor.mutator
-    class Untir(relax.PyExprMutator):  # type: ignore[misc, name-defined]
-        def visit_call_(self, call: Any) -> Any:
-            call = super().visit_call_(call)
-            if call.op != call_tir or not isinstance(call.args[0], relax.GlobalVar):
-                return call
-            name = call.args[0].name_hint.rstrip("0123456789_")
-            args = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else []
-            if name not in ops or len(args) != 2 or not _scalar_constant(args[1]):
-                return call
-            return ops[name](args[0], args[1])
+    def fn(expr: Any, matched: dict[Any, Any]) -> Any:
+        gv, tup = matched[func], matched[args]
+        name = gv.name_hint.rstrip("0123456789_") if isinstance(gv, relax.GlobalVar) else ""
+        fields = tup.fields if isinstance(tup, relax.Tuple) else []
+        if name not in ops or len(fields) != 2 or not _scalar_constant(fields[1]):
+            return expr
+        return ops[name](fields[0], fields[1])
 
-    out = mod.clone()
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            out[gv] = Untir().visit_expr(func)
-    return relax.transform.DeadCodeElimination()(out)
+    return is_op("relax.call_tir")(func, args), fn
 
 
 def _scalar_constant(expr: Any) -> bool:

@@ -128,16 +128,10 @@ def analytic_schedule(
     sketch of the task's design space passes the postprocessors. `ctx` and `sketches` (its
     design space) may be passed by a caller that already generated them."""
 
-    from codesign.tvm_backend.intrin import task_intrin
     from codesign.tvm_backend.seeds import vector_shape
 
     ctx = ctx or design_context(task_mod, target)
     lanes, registers = vector_shape(target)
-    tensorized = bool(task_intrin(task_mod, target))
-    if tensorized:
-        # an int8 convolution: its channel loop counts the intrinsic's output vectors (16 int32
-        # lanes for VNNI), so the register tile is sized in vectors
-        lanes = 1
     if sketches is None:
         sketches = list(ctx.generate_design_space())
     # Multi-level tiling's second sketch accumulates the register tile in a local cache and
@@ -153,13 +147,11 @@ def analytic_schedule(
             return None  # small data movement (pooling, transposes): the plain loops are fine
         # (not so for small int8 / fp16 conversions: quantizing a 16x32x32 input took 58 us
         # as plain loops, 10 us vectorised)
-        sch = _apply(
-            sketch,
-            task_mod,
-            tile_decisions(loops, lanes, registers, tensorized=tensorized),
-            ctx,
-            serial,
-        )
+        # a tensorized (int8) sketch's channel loop counts the intrinsic's output vectors (16
+        # int32 lanes for VNNI), so its register tile is sized in vectors
+        tensorized = _tensorized(sketch)
+        tiles = tile_decisions(loops, 1 if tensorized else lanes, registers, tensorized=tensorized)
+        sch = _apply(sketch, task_mod, tiles, ctx, serial)
         if sch is not None and (_is_float32(task_mod) or _builds(sch, target)):
             return sch
     return None
@@ -191,6 +183,14 @@ def _apply(sketch: Any, task_mod: Any, tiles: list[tuple[int, ...]], ctx: Any, s
     except Exception:  # noqa: BLE001 - a sketch these decisions do not fit: the caller moves on
         return None
     return None
+
+
+def _tensorized(sketch: Any) -> bool:
+    """Whether `sketch` computes its block with a tensor intrinsic (an int8 dot product)."""
+    return any(
+        i.kind.name == "Annotate" and str(i.attrs[0]) == "meta_schedule.auto_tensorize"
+        for i in sketch.trace.insts
+    )
 
 
 def _is_float32(task_mod: Any) -> bool:
