@@ -11,6 +11,8 @@ magnitude pruner at one uniform ratio, chosen so that its latency matches ours (
 between the measured unpruned and uniformly-halved networks), fine-tuned the same way and
 measured the same way. The original also runs in ONNX Runtime and OpenVINO (codesign.peers).
 HAQ for any CNN (compression/haq/own.py) is applied after AMC when it exists.
+With --via onnx the trained original is exported to ONNX first and codesign compresses the file
+(results keyed ARCH@onnx; checkpoints in WORK/ARCH/onnx), as `codesign compress --model x.onnx`.
 Writes benchmarks/results/compress_own_model.json; intermediate state in out/bench/compress_own.
 """
 
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_result  # noqa: E402
 
 WORK = Path("out/bench/compress_own")
+TP_MATCH, TP_ROUNDS = 0.03, 4  # Torch-Pruning's network within 3% of AMC's ms, 4 tries
 
 
 def subset(data, n_train: int, n_val: int):  # type: ignore[no-untyped-def]
@@ -86,6 +89,15 @@ def run_arch(name: str, args: argparse.Namespace, data, target) -> dict:  # type
     # a few hundred steps from scratch leave BatchNorm's running statistics behind the weights
     # (MobileNetV2: 12% in eval mode at 0.46 training loss); refresh them on training images
     recalibrate_bn(model, data.calibration(512, seed=0))
+    if args.via == "onnx":  # what a user with an ONNX file gets: BatchNorm folded by the exporter
+        from codesign.compression.compress import load_user_model
+        from codesign.peers import export_onnx
+
+        path = export_onnx(model.eval(), (1, *data.info.input_shape), work / f"{base.stem}.onnx")
+        model, _ = load_user_model(str(path), weights=None, input_shape=None)
+        model.restore_batchnorm(data.calibration(256, seed=0))  # as `codesign compress` does
+        work = work / "onnx"
+        work.mkdir(exist_ok=True)
     original_acc = evaluate(model, data)
     print(f"[{name}] original accuracy {original_acc:.2f}%", flush=True)
     protocol = MeasureProtocol()
@@ -132,6 +144,7 @@ def run_arch(name: str, args: argparse.Namespace, data, target) -> dict:  # type
     from codesign.pipeline.compress import MIN_GAIN, measured_faster
 
     qbuilt = quant.pop("built", None)
+    quant.pop("qnet", None)  # the fake-quant twin (`codesign compress` checks the artifact on it)
     q_ok = quant.get("latency_ms") is not None and (
         quant["accuracy"] >= res.pruned_acc - args.max_quant_drop
     )
@@ -152,9 +165,27 @@ def run_arch(name: str, args: argparse.Namespace, data, target) -> dict:  # type
     half_ms = layers.network_ms(half, graph.input_shape)
     kept = 0.5 + 0.5 * (res.pruned_ms - half_ms) / max(original_ms - half_ms, 1e-9)
     kept = min(max(kept, 0.25), 1.0)
-    tp_net = tp_uniform(model, graph, kept)
+    # latency is neither linear nor monotonic in the kept ratio (channel rounding, kernel
+    # shapes): correct the ratio by secant steps through the nearest measured points and keep
+    # the candidate that measured closest to AMC's network, before fine-tuning it
+    points = [(0.5, half_ms), (1.0, original_ms)]
+    candidates = []
+    for _ in range(TP_ROUNDS):
+        net = tp_uniform(model, graph, kept)
+        ms = layers.network_ms(net, graph.input_shape)
+        candidates.append((abs(ms / res.pruned_ms - 1), kept, net))
+        if candidates[-1][0] <= TP_MATCH:
+            break
+        points.append((kept, ms))
+        lo = max(
+            (p for p in points if p[1] <= res.pruned_ms), key=lambda p: p[1], default=points[0]
+        )
+        hi = min((p for p in points if p[1] > res.pruned_ms), key=lambda p: p[1], default=points[1])
+        kept = lo[0] + (hi[0] - lo[0]) * (res.pruned_ms - lo[1]) / max(hi[1] - lo[1], 1e-9)
+        kept = min(max(kept, 0.25), 1.0)
+    _, kept, tp_net = min(candidates, key=lambda c: c[0])
     recalibrate_bn(tp_net, data.calibration(128, seed=0))
-    train(tp_net, data, ft, checkpoint=base.with_name(f"tp-{base.stem}.pt"), desc="fine-tune tp")
+    train(tp_net, data, ft, checkpoint=work / f"tp-{base.stem}.pt", desc="fine-tune tp")
     recalibrate_bn(tp_net, data.calibration(128, seed=0))  # as prune_own does after fine-tuning
     tp_acc = evaluate(tp_net, data)
     tp_ms = layers.network_ms(tp_net, graph.input_shape)
@@ -190,6 +221,7 @@ def run_arch(name: str, args: argparse.Namespace, data, target) -> dict:  # type
     quant["shipped"] = out_ms != amc_ms
     best_peer = min((v for k, v in peers.items() if k != "missing"), default=float("nan"))
     return {
+        "via": args.via,
         "timing": (
             f"original, compressed, torch-pruning and the peers timed side by side in "
             f"{args.rounds} interleaved rounds at the end (medians)"
@@ -300,6 +332,9 @@ def main() -> int:
         default=None,
         help="only merge these result files (one per architecture) into --result",
     )
+    ap.add_argument("--via", choices=("torch", "onnx"), default="torch",
+                    help="give codesign the trained PyTorch module, or its ONNX export (rebuilt "
+                    "in PyTorch by codesign.compression.onnx_module; BatchNorm folded)")  # fmt: skip
     ap.add_argument("--budget", type=float, default=0.6, help="fraction of the original's ms")
     ap.add_argument("--work", default=str(WORK), help="cached models, checkpoints, the LUT")
     ap.add_argument("--db", default=None, help="layer LUT (default: WORK/lut.sqlite)")
@@ -315,7 +350,9 @@ def main() -> int:
                   args.val_images)  # fmt: skip
     results = {}
     for name in args.arch:
-        results[name] = run_arch(name, args, data, target)
+        results[name if args.via == "torch" else f"{name}@{args.via}"] = run_arch(
+            name, args, data, target
+        )
         write_result(args.result, _doc(results, args, host, target))
     return 0
 

@@ -1,12 +1,15 @@
 """`codesign compress`: prune, quantize and compile a user's own trained CNN under a latency budget.
 
-    load the model ('module:factory' + weights, a .pt2 ExportedProgram, or an nn.Module)
+    load the model ('module:factory' + weights, an ONNX file rebuilt in PyTorch
+       (onnx_module.py), or an nn.Module)
     -> original: accuracy (validation split), latency (TVM, measured whole)
     -> prune: AMC on torch-pruning groups against TVM-measured latency (amc/own.py)
     -> quantize: HAQ for any CNN (haq/own.py `quantize_own`) when it is installed; otherwise
        the step is skipped and the report says so
-    -> compile: the verified artifact OUT/model.tar (codesign.artifact.imported.compile_model:
-       outputs checked against PyTorch, latency measured)
+    -> compile: the verified artifact OUT/model.tar: the quantized network where HAQ measured
+       it faster than the pruned one (by the pipeline's MIN_GAIN) at most `max_quant_drop`
+       points less accurate (codesign.artifact.imported.ship_built: outputs checked against
+       its fake-quant twin), else the pruned network (compile_model: checked against PyTorch)
 The report lists accuracy and measured latency after each step: OUT/compress.json and
 OUT/compress.md. Re-running the same command resumes (search and fine-tuning checkpoints;
 layers and networks measured once are reused from the LUT file).
@@ -31,7 +34,7 @@ class CompressSettings:
     dataset: str  # mnist5k, digits, an image folder or a CIFAR-10 batch directory
     out: str
     target: str = "x86"
-    input_shape: tuple[int, int, int] | None = None  # C, H, W (required)
+    input_shape: tuple[int, int, int] | None = None  # C, H, W (an ONNX file carries its own)
     weights: str | None = None  # state_dict for a 'module:factory' model
     db: str | None = None  # the LUT file (default: OUT/lut.sqlite)
     episodes: int = 30
@@ -46,6 +49,9 @@ class CompressSettings:
     device: str | None = None
     seed: int = 0
     protocol: MeasureProtocol = field(default_factory=MeasureProtocol)
+    # the quantized network ships when it measured faster than the pruned one (by the pipeline's
+    # MIN_GAIN) and lost at most this many accuracy points against it
+    max_quant_drop: float = 0.5
 
     def __post_init__(self) -> None:
         if not self.latency_ms > 0:
@@ -102,7 +108,9 @@ class CompressReport:
 def load_user_model(
     model: Any, *, weights: str | None, input_shape: Sequence[int] | None
 ) -> tuple[Any, tuple[int, int, int]]:
-    """(nn.Module, (C, H, W)) from an nn.Module or 'module:factory' (+ weights)."""
+    """(nn.Module, (C, H, W)) from an nn.Module, an ONNX file (rebuilt in PyTorch by
+    `onnx_module`; its input shape unless `input_shape` is given) or 'module:factory' (+
+    weights)."""
     import torch
 
     shape = tuple(int(v) for v in input_shape) if input_shape else None
@@ -113,20 +121,61 @@ def load_user_model(
         raise CompressError(
             f"{model}: a .pt2 ExportedProgram cannot be pruned and fine-tuned (torch.export "
             "modules refuse train()); give the model as 'importable.module:factory' with "
-            "--weights state_dict.pt. `codesign compile` takes .pt2 files as they are"
+            "--weights state_dict.pt, or as an ONNX file. `codesign compile` takes .pt2 files "
+            "as they are"
         )
+    elif str(model).endswith(".onnx"):
+        from codesign.compression.onnx_module import load_onnx_module
+
+        module = load_onnx_module(model)
+        given = module.input_shape
+        if given is not None and shape is not None and tuple(given[1:]) != shape:
+            raise CompressError(
+                f"{model} takes inputs of shape {list(given)}, not (1, {', '.join(map(str, shape))})"
+                "; drop --input-shape or give the model's"
+            )
+        shape = shape or (tuple(given[1:]) if given is not None and given[0] == 1 else None)
     elif ":" in str(model):
         from codesign.tvm_backend.frontend import load_factory
 
         module = load_factory(str(model), weights)
     else:
         raise CompressError(
-            f"{model}: give 'importable.module:factory' (with --weights state_dict.pt) or a "
-            "torch.nn.Module; ONNX and .pt2 models cannot be pruned and fine-tuned here"
+            f"{model}: give an ONNX file (.onnx), 'importable.module:factory' (with --weights "
+            "state_dict.pt) or a torch.nn.Module"
         )
     if shape is None or len(shape) != 3:
         raise CompressError(f"give the input shape as C,H,W (--input-shape 3x64x64), got {shape}")
     return module.eval(), shape  # type: ignore[return-value]
+
+
+def _why_not_ship(
+    quant: dict[str, Any] | None, pruned: Any, max_drop: float, target: Any
+) -> str | None:
+    """None when the quantized network ships, else why not (appended to the compile note)."""
+    from codesign.pipeline.compress import MIN_GAIN, measured_faster
+
+    if quant is None:
+        return ""
+    if target.is_remote or target.device != "cpu":  # see ship_built
+        return " (a quantized network of your own model ships for local CPU targets only)"
+    if quant["accuracy"] < pruned.pruned_acc - max_drop:
+        return f" (HAQ lost more than {max_drop:g} pt against it)"
+    if not measured_faster(quant["latency_ms"], pruned.pruned_ms, MIN_GAIN):
+        return f" (HAQ measured not faster by {MIN_GAIN:.0%})"
+    return None
+
+
+def _torch_reference(module: Any) -> Callable[[Any], Any]:
+    import torch
+
+    module = module.cpu().eval()
+
+    def run(x: Any) -> Any:
+        with torch.no_grad():
+            return module(torch.from_numpy(x)).numpy()
+
+    return run
 
 
 def quantize_step(
@@ -150,7 +199,8 @@ def quantize_step(
                        progress=progress)  # fmt: skip
     res.built.export(out / "model.so")
     return {"accuracy": res.accuracy, "latency_ms": res.latency_ms, "library": str(out / "model.so"),
-            "built": res.built,
+            "built": res.built, "qnet": res.qnet, "precisions": list(res.policy.precisions),
+            "policy_code": res.policy.encode(),
             **{k: v for k, v in res.to_dict().items() if k not in ("layers",)}}  # fmt: skip
 
 
@@ -175,6 +225,12 @@ def compress(
     module, shape = load_user_model(model, weights=s.weights, input_shape=s.input_shape)
     data = load_dataset(s.dataset, shape, seed=s.seed)
     import torch
+
+    from codesign.compression.onnx_module import OnnxModule
+
+    if isinstance(module, OnnxModule):  # exporters fold BatchNorm; fine-tuning wants it back
+        restored = module.restore_batchnorm(data.calibration(256, seed=s.seed))
+        say(f"BatchNorm restored after {len(restored)} convolutions of {module.label}")
 
     with torch.no_grad():
         n_out = module(torch.zeros(1, *shape)).shape[-1]
@@ -226,14 +282,27 @@ def compress(
         )
     else:
         steps.append(CompressStep("quantize", None, None, f"skipped: {skipped}"))
-    say("compiling the pruned network into the artifact")
-    report = compile_model(res.model, out=out / "model.tar", target=target,
-                           input_shape=(1, *shape),
-                           options=CompileOptions(progress=progress, protocol=s.protocol),
-                           peers=False)  # fmt: skip
-    steps.append(CompressStep("compile", evaluate(res.model, data), report.latency_ms,
-                              f"fp32 pruned network, outputs checked against PyTorch "
-                              f"(max abs diff {report.max_abs_diff:.2g})"))  # fmt: skip
+    opts = CompileOptions(progress=progress, protocol=s.protocol)
+    why_not = _why_not_ship(quant, res, s.max_quant_drop, target)
+    if quant is not None and why_not is None:
+        from codesign.artifact.imported import ship_built
+
+        say("compiling the quantized network into the artifact")
+        report = ship_built(quant["built"], reference=_torch_reference(quant["qnet"]),
+                            out=out / "model.tar", target=target, label=f"{model} (HAQ)",
+                            precisions=quant["precisions"], policy=quant["policy_code"],
+                            options=opts)  # fmt: skip
+        steps.append(CompressStep("compile", quant["accuracy"], report.latency_ms,
+                                  f"the quantized network ships (HAQ measured it faster than the "
+                                  f"pruned one); outputs checked against its fake-quant PyTorch "
+                                  f"twin (max abs diff {report.max_abs_diff:.2g})"))  # fmt: skip
+    else:
+        say("compiling the pruned network into the artifact")
+        report = compile_model(res.model, out=out / "model.tar", target=target,
+                               input_shape=(1, *shape), options=opts, peers=False)  # fmt: skip
+        steps.append(CompressStep("compile", evaluate(res.model, data), report.latency_ms,
+                                  f"the fp32 pruned network ships{why_not or ''}; outputs checked "
+                                  f"against PyTorch (max abs diff {report.max_abs_diff:.2g})"))  # fmt: skip
     rep = CompressReport(tuple(steps), str(report.path), res.policy.encode(), skipped, s,
                          time.time() - t0)  # fmt: skip
     (out / "compress.json").write_text(json.dumps(rep.to_dict(), indent=2, default=str) + "\n")

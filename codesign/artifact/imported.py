@@ -153,10 +153,11 @@ def _check_preprocess(prep: Preprocess, spec: Any) -> None:
         )
 
 
-def compare(outs: Sequence[np.ndarray], refs: Sequence[np.ndarray], where: str, against: str
-            ) -> dict[str, Any]:  # fmt: skip
-    """The equality section (checks.py's fp32 tolerance); EqualityError if they differ."""
-    precision, rtol, atol = tolerance_for(["fp32"])
+def compare(outs: Sequence[np.ndarray], refs: Sequence[np.ndarray], where: str, against: str,
+            precisions: Sequence[str] = ("fp32",)) -> dict[str, Any]:  # fmt: skip
+    """The equality section (checks.py's tolerance of the loosest of `precisions`);
+    EqualityError if they differ."""
+    precision, rtol, atol = tolerance_for(precisions)
     out = np.concatenate([np.asarray(o, np.float64).reshape(1, -1) for o in outs])
     ref = np.concatenate([np.asarray(r, np.float64).reshape(1, -1) for r in refs])
     if out.shape != ref.shape:
@@ -167,7 +168,7 @@ def compare(outs: Sequence[np.ndarray], refs: Sequence[np.ndarray], where: str, 
     if not report["ok"]:
         raise EqualityError(
             f"the compiled model's outputs differ from {against}'s on {len(outs)} inputs: max "
-            f"abs error {report['max_abs_err']:.3g} exceeds the fp32 tolerance (rtol {rtol:g}, "
+            f"abs error {report['max_abs_err']:.3g} exceeds the {precision} tolerance (rtol {rtol:g}, "
             f"atol {atol:g} x {scale:.3g}); nothing was written. This is a compiler or frontend "
             "bug: report it with the model file"
         )
@@ -198,13 +199,9 @@ def _peers(imported: Any, executor: Any, x: np.ndarray, threads: int, tmp: Path,
 def _build_and_pack(imported: Any, target: Target, out: Path, opts: CompileOptions,
                     inputs: list[np.ndarray], prep: Preprocess | None, peers: bool
                     ) -> tuple[Artifact, dict[str, Any]]:  # fmt: skip
-
-    from codesign import __version__
-    from codesign.artifact.archive import write_archive
     from codesign.artifact.tuning import tune_for_artifact
     from codesign.tvm_backend.build import compile_module, prepare
 
-    seconds: dict[str, float] = {}
     lowered = imported.lowered()
     t0 = time.time()
     fused = prepare(lowered.mod)
@@ -214,7 +211,55 @@ def _build_and_pack(imported: Any, target: Target, out: Path, opts: CompileOptio
     finally:
         if database is not None:
             database.close()
-    seconds["compile"] = time.time() - t0
+    seconds = {"compile": time.time() - t0}
+    return _pack(imported, built, lowered, target, out, opts, inputs, prep, peers,
+                 tuning=tuning, seconds=seconds)  # fmt: skip
+
+
+def ship_built(
+    built: Any,
+    *,
+    reference: Any,
+    out: str | os.PathLike[str],
+    target: Target,
+    label: str,
+    precisions: Sequence[str],
+    policy: str | None = None,
+    options: CompileOptions | None = None,
+) -> ImportReport:
+    """Ship a module compiled elsewhere (HAQ's mixed-precision network of a user's model) as
+    the same verified archive: outputs checked against `reference` (its fake-quant PyTorch
+    twin, the tolerance of the loosest of `precisions`), latency measured. Local CPU targets
+    only: a remote or GPU target would need the module lowered again for a host check."""
+    from codesign.artifact.tuning import untuned_section
+    from codesign.tvm_backend.frontend import Imported, InputSpec
+
+    if target.is_remote or target.device != "cpu":
+        raise ArtifactError(
+            f"a pre-built module ships only for local CPU targets, not {target.key}"
+        )
+    opts = options or CompileOptions()
+    t_all, out = time.time(), Path(out)
+    spec = InputSpec("input", tuple(built.input_shape), built.input_dtype, "NCHW")
+    source = Imported(mod=None, input=spec, source="torch", ops=(), label=label,
+                      reference=lambda x: reference(x))  # fmt: skip
+    checks = _check_inputs(spec, (), opts)
+    artifact, facts = _pack(source, built, None, target, out, opts, checks, None, False,
+                            tuning=untuned_section(target, opts), seconds={}, precisions=precisions,
+                            policy=policy)  # fmt: skip
+    seconds = {**facts.pop("seconds"), "total": time.time() - t_all}
+    return ImportReport(artifact=artifact, source="torch", seconds=seconds, **facts)
+
+
+def _pack(imported: Any, built: Any, lowered: Any, target: Target, out: Path,
+          opts: CompileOptions, inputs: list[np.ndarray], prep: Preprocess | None, peers: bool,
+          *, tuning: Any, seconds: dict[str, float], precisions: Sequence[str] = ("fp32",),
+          policy: str | None = None) -> tuple[Artifact, dict[str, Any]]:  # fmt: skip
+    """Check `built` against `imported.reference` on `inputs` on the target, measure it and
+    write the archive (`lowered`: for a host-substitute check when the device is not used)."""
+    from codesign import __version__
+    from codesign.artifact.archive import write_archive
+
     against = "ONNX Runtime" if imported.source == "onnx" else "PyTorch"
     peer_info: dict[str, Any] = {"per_call_ms": {}, "missing": {}}
     with tempfile.TemporaryDirectory(prefix="codesign-import-") as tmpdir:
@@ -226,7 +271,7 @@ def _build_and_pack(imported: Any, target: Target, out: Path, opts: CompileOptio
             t0 = time.time()
             outs = [executor.run(x) for x in inputs]
             equality = compare(outs, [imported.reference(x) for x in inputs], executor.where,
-                               against)  # fmt: skip
+                               against, precisions)  # fmt: skip
             seconds["check"] = time.time() - t0
             latency = None
             if on_device:
@@ -273,7 +318,7 @@ def _build_and_pack(imported: Any, target: Target, out: Path, opts: CompileOptio
             "source_sha256": imported.source_sha256,
             "blocks": [],
             "ops": dict(imported.ops),
-            "policies": {"quantization": None, "pruning": None},
+            "policies": {"quantization": policy, "pruning": None},
             "weights_sha256": imported.source_sha256,
             "dataset": None,
         },

@@ -17,11 +17,10 @@ if TYPE_CHECKING:
     from codesign.artifact.pack import CompileOptions
 
 
-def tune_for_artifact(
-    fused: Any, target: Target, out: Path, opts: CompileOptions
-) -> tuple[Any, dict[str, Any]]:
-    """Open (and tune into) the LUT file's tuning database; the manifest's tuning section."""
-    info: dict[str, Any] = {
+def untuned_section(target: Target, opts: CompileOptions) -> dict[str, Any]:
+    """The manifest's tuning section of a module built without a tuning database (analytic
+    schedules only)."""
+    return {
         "mode": "untuned",
         "database": None,
         "database_digest": None,
@@ -30,6 +29,13 @@ def tune_for_artifact(
         "focus_trials": opts.focus_trials,
         "seconds": 0.0,
     }
+
+
+def tune_for_artifact(
+    fused: Any, target: Target, out: Path, opts: CompileOptions
+) -> tuple[Any, dict[str, Any]]:
+    """Open (and tune into) the LUT file's tuning database; the manifest's tuning section."""
+    info = untuned_section(target, opts)
     tunes = opts.tune_trials or opts.focus_trials
     if not tunes and opts.tuning_db is None:
         return None, info

@@ -34,14 +34,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="'importable.module:factory' (with --weights state_dict.pt)",
+        help="an ONNX file (its CNN is rebuilt in PyTorch for pruning) or "
+        "'importable.module:factory' (with --weights state_dict.pt)",
     )
     p.add_argument("--weights", default=None, help="state_dict (.pt) for a module:factory model")
     p.add_argument(
         "--input-shape",
         type=_chw,
-        required=True,
-        help="CxHxW, e.g. 3x64x64",
+        default=None,
+        help="CxHxW, e.g. 3x64x64 (default: the ONNX file's; required for module:factory)",
     )
     p.add_argument(
         "--latency-ms",
@@ -69,6 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="layer shapes the LUT lacks: measure them with TVM, or scale the "
                    "unpruned layer's time by MACs")  # fmt: skip
     p.add_argument("--no-quantize", action="store_true", help="skip the HAQ step")
+    p.add_argument("--max-quant-drop", type=float, default=0.5,
+                   help="most accuracy points the quantized network may lose against the pruned "
+                   "one and still ship (it must also measure faster)")  # fmt: skip
     p.add_argument(
         "--device",
         default=None,
@@ -93,7 +97,7 @@ def _compress(args: argparse.Namespace) -> int:
         warmup=args.warmup, levels=args.levels, lbound=args.lbound,
         reward_images=args.reward_images, finetune_epochs=args.finetune_epochs,
         finetune_lr=args.finetune_lr, missing=args.missing, quantize=not args.no_quantize,
-        device=args.device, seed=args.seed,
+        device=args.device, seed=args.seed, max_quant_drop=args.max_quant_drop,
         protocol=MeasureProtocol(repeat=args.repeat, min_repeat_ms=args.min_repeat_ms),
     )  # fmt: skip
     rep = compress(args.model, settings=settings, progress=not args.no_progress,

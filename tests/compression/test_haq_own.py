@@ -178,3 +178,38 @@ def test_quantize_own_builds_a_real_mixed_precision_module_and_reuses_the_lut(
     # a budget below the fastest reachable policy is refused before any search
     with pytest.raises(BudgetError, match="Raise the budget"):
         quantize_own(small_net(), budget_ms=1e-4, seed=0, progress=False, **kw)
+
+
+def test_a_quantized_module_ships_as_a_verified_artifact(x86, tmp_path) -> None:
+    """`codesign compress` ships HAQ's module as the same verified archive, checked against its
+    fake-quant twin with the int8 tolerance; a twin that disagrees writes nothing."""
+    import numpy as np
+
+    import codesign
+    from codesign.artifact.imported import ship_built
+    from codesign.artifact.pack import CompileOptions
+    from codesign.compression.compress import _torch_reference
+    from codesign.compression.haq.own import _compile
+    from codesign.data import load_dataset
+    from codesign.errors import EqualityError
+    from codesign.measurement import MeasureProtocol
+    from codesign.tvm_backend.precision import precision_menu
+
+    g = trace_graph(small_net(), SHAPE)
+    x = load_dataset("digits", SHAPE[1:]).calibration(8, 1)
+    q = fake_quant_graph(g, calibrate_graph(g, [x]), [(8, 8)] * 5).eval()
+    built = _compile(q, g, ["int8"] * 5, precision_menu(x86), x86)
+    opts = CompileOptions(progress=False, protocol=MeasureProtocol.quick(), check_inputs=3)
+    kw = dict(target=x86, label="small (int8)", precisions=["int8"] * 5, options=opts)
+    ref = _torch_reference(q)
+    with pytest.raises(EqualityError, match="int8 tolerance"):
+        ship_built(built, reference=lambda a: -ref(a), out=tmp_path / "bad.tar", **kw)
+    assert not (tmp_path / "bad.tar").exists()
+    rep = ship_built(built, reference=ref, out=tmp_path / "int8.tar", policy="w8a8:int8", **kw)
+    manifest = rep.artifact.manifest.data
+    assert manifest["equality"]["precision"] == "int8" and manifest["equality"]["ok"]
+    assert manifest["model"]["policies"]["quantization"] == "w8a8:int8"
+    assert rep.latency_ms is not None and rep.latency_ms > 0
+    xi = x[:1].numpy()
+    got = codesign.load(rep.path)(xi)
+    np.testing.assert_allclose(got, ref(xi), atol=0.05 * max(1.0, float(np.abs(ref(xi)).max())))

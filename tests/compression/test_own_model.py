@@ -111,8 +111,10 @@ def test_compress_refuses_what_it_cannot_prune_before_any_work(tmp_path) -> None
         compress(Tiny(classes=3), settings=settings, progress=False)
     with pytest.raises(CompressError, match="cannot be pruned and fine-tuned"):
         compress(str(tmp_path / "model.pt2"), settings=settings, progress=False)
+    with pytest.raises(CompressError, match="does not exist"):
+        compress(str(tmp_path / "model.onnx"), settings=settings, progress=False)
     with pytest.raises(CompressError, match="module:factory"):
-        compress("model.onnx", settings=settings, progress=False)
+        compress("model.h5", settings=settings, progress=False)
     with pytest.raises(CompressError, match="positive"):
         CompressSettings(latency_ms=0.0, dataset="digits", out="o")
     assert not (tmp_path / "o" / "lut.sqlite").exists()  # nothing measured, nothing written
@@ -129,26 +131,31 @@ def make():
 """
 
 
-@pytest.mark.slow
-def test_compress_cli_end_to_end(tmp_path, monkeypatch, capsys) -> None:
+@pytest.mark.parametrize("source", ["onnx", pytest.param("factory", marks=pytest.mark.slow)])
+def test_compress_cli_end_to_end(tmp_path, monkeypatch, capsys, source) -> None:
     import json
     import sys
     from pathlib import Path
 
     from codesign.cli.main import main
     from codesign.data import load_dataset
+    from codesign.peers import export_onnx
     from codesign.train import TrainConfig, train
 
     torch.manual_seed(0)
     net = Tiny()
     data = load_dataset("digits", (3, 16, 16))
     train(net, data, TrainConfig(epochs=2, lr=0.1), progress=False)
-    torch.save(net.state_dict(), tmp_path / "w.pt")
-    (tmp_path / "tinyfactory.py").write_text(FACTORY.format(tests=str(Path(__file__).parent)))
-    monkeypatch.syspath_prepend(str(tmp_path))
+    if source == "onnx":  # BatchNorm folded into the convolutions by the exporter
+        model = ["--model", str(export_onnx(net.eval(), (1, 3, 16, 16), tmp_path / "tiny.onnx"))]
+    else:
+        torch.save(net.state_dict(), tmp_path / "w.pt")
+        (tmp_path / "tinyfactory.py").write_text(FACTORY.format(tests=str(Path(__file__).parent)))
+        monkeypatch.syspath_prepend(str(tmp_path))
+        model = ["--model", "tinyfactory:make", "--weights", str(tmp_path / "w.pt"),
+                 "--input-shape", "3x16x16"]  # fmt: skip
     out = tmp_path / "out"
-    args = ["compress", "--model", "tinyfactory:make", "--weights", str(tmp_path / "w.pt"),
-            "--input-shape", "3x16x16", "--dataset", "digits", "--target", "x86",
+    args = ["compress", *model, "--dataset", "digits", "--target", "x86",
             "--latency-ms", "1000", "--out", str(out), "--episodes", "2", "--warmup", "1",
             "--levels", "2", "--reward-images", "200", "--finetune-epochs", "1",
             "--no-quantize", "--repeat", "3", "--min-repeat-ms", "5", "--no-progress"]  # fmt: skip
@@ -161,7 +168,7 @@ def test_compress_cli_end_to_end(tmp_path, monkeypatch, capsys) -> None:
     assert steps["quantize"]["latency_ms"] is None and "skipped" in steps["quantize"]["note"]
     assert (out / "model.tar").is_file() and "| prune |" in (out / "compress.md").read_text()
     assert "compile" in capsys.readouterr().out
-    del sys.modules["tinyfactory"]
+    sys.modules.pop("tinyfactory", None)
 
 
 def test_fill_budget_uses_the_budget_the_search_left() -> None:
@@ -217,3 +224,23 @@ def test_a_policy_measured_over_its_budget_is_brought_back_within_it() -> None:
     assert latency(shrink_to_budget(start, options, channels, latency, 1.0)) <= 1.0
     smallest = shrink_to_budget(start, options, channels, latency, 0.0)
     assert smallest == {n: o[0] for n, o in options.items()}
+
+
+def test_the_quantized_network_ships_only_when_faster_and_accurate_enough(x86) -> None:
+    from types import SimpleNamespace
+
+    from codesign.compression.compress import _why_not_ship
+    from codesign.targets import parse_target
+
+    pruned = SimpleNamespace(pruned_acc=90.0, pruned_ms=1.0)
+    assert _why_not_ship({"accuracy": 89.6, "latency_ms": 0.9}, pruned, 0.5, x86) is None
+    assert "lost more than 0.5 pt" in _why_not_ship(
+        {"accuracy": 89.4, "latency_ms": 0.5}, pruned, 0.5, x86
+    )
+    assert "not faster by 2%" in _why_not_ship(
+        {"accuracy": 90.0, "latency_ms": 0.99}, pruned, 0.5, x86
+    )
+    assert "local CPU" in _why_not_ship(
+        {"accuracy": 90.0, "latency_ms": 0.5}, pruned, 0.5, parse_target("cuda")
+    )
+    assert _why_not_ship(None, pruned, 0.5, x86) == ""  # no HAQ step: the pruned one ships
