@@ -192,26 +192,18 @@ class OnnxModule(nn.Module):
 def load_onnx_module(path: str | Path) -> OnnxModule:
     """The ONNX file `path` as an eval-mode `OnnxModule`; CompressError when it cannot be read
     or uses what the rebuild does not cover."""
-    import onnx
+    from codesign.tvm_backend.frontend import read_onnx
 
-    path = Path(path)
-    if not path.is_file():
-        raise CompressError(f"ONNX file {path} does not exist")
-    try:
-        model = onnx.load(str(path))
-    except Exception as err:  # noqa: BLE001 - protobuf raises many types for a bad file
-        raise CompressError(f"{path} is not a readable ONNX model ({err})") from None
-    return OnnxModule(model, label=path.name).eval()
+    return OnnxModule(read_onnx(path, CompressError), label=Path(path).name).eval()
 
 
 def _refuse_unsupported(graph: Any, label: str) -> None:
     bad = [(n.op_type, n.name, i) for i, n in enumerate(graph.node) if n.op_type not in OPS]
     if bad:
-        where = "; ".join(f"{op} at node {name or '(unnamed)'} (index {i})"
-                          for op, name, i in bad[:5])  # fmt: skip
-        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        from codesign.tvm_backend.frontend import describe_nodes
+
         raise CompressError(
-            f"{label}: codesign compress cannot rebuild {where}{more} in PyTorch for pruning "
+            f"{label}: codesign compress cannot rebuild {describe_nodes(bad)} in PyTorch for pruning "
             f"(it covers {', '.join(sorted(OPS))}). Simplify the graph first (python -m onnxsim "
             "in.onnx out.onnx folds shape computations), or give the PyTorch model as "
             "'module:factory' with --weights; `codesign compile` takes the file as it is"

@@ -144,6 +144,26 @@ def onnx_unsupported(model: Any) -> list[tuple[str, str, int]]:
     ]
 
 
+def read_onnx(path: str | Path, error: type[Exception]) -> Any:
+    """The ONNX model in `path`; `error` (with what went wrong) when it is missing or unreadable."""
+    import onnx
+
+    if not Path(path).is_file():
+        raise error(f"ONNX file {path} does not exist")
+    try:
+        return onnx.load(str(path))
+    except Exception as err:  # noqa: BLE001 - protobuf raises many types for a bad file
+        raise error(f"{path} is not a readable ONNX model ({err})") from None
+
+
+def describe_nodes(nodes: Sequence[tuple[str, str, int]], most: int = 5) -> str:
+    """'Op at node name (index i); ...' of (op, node name, index) triples, for error messages."""
+    where = "; ".join(
+        f"{op} at node {name or '(unnamed)'} (index {i})" for op, name, i in nodes[:most]
+    )
+    return where + (f" and {len(nodes) - most} more" if len(nodes) > most else "")
+
+
 def import_onnx(
     path: str | Path,
     *,
@@ -154,20 +174,11 @@ def import_onnx(
     import onnx
 
     path = Path(path)
-    if not path.is_file():
-        raise ModelImportError(f"ONNX file {path} does not exist")
-    try:
-        model = onnx.load(str(path))
-    except Exception as err:  # noqa: BLE001 - protobuf raises many types for a bad file
-        raise ModelImportError(f"{path} is not a readable ONNX model ({err})") from None
+    model = read_onnx(path, ModelImportError)
     bad = onnx_unsupported(model)
     if bad:
-        where = "; ".join(
-            f"{op} at node {name or '(unnamed)'} (index {i})" for op, name, i in bad[:5]
-        )
-        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise UnsupportedOperatorError(
-            f"{path}: TVM's Relax ONNX frontend cannot convert {where}{more}. Replace the "
+            f"{path}: TVM's Relax ONNX frontend cannot convert {describe_nodes(bad)}. Replace the "
             "operator in the model (re-export it with supported ops, or decompose it with "
             "onnxsim / a graph rewrite) and compile again"
         )
