@@ -291,7 +291,7 @@ def compress(
         report = ship_built(quant["built"], reference=_torch_reference(quant["qnet"]),
                             out=out / "model.tar", target=target, label=f"{model} (HAQ)",
                             precisions=quant["precisions"], policy=quant["policy_code"],
-                            options=opts)  # fmt: skip
+                            data=data, options=opts)  # fmt: skip
         steps.append(CompressStep("compile", quant["accuracy"], report.latency_ms,
                                   f"the quantized network ships (HAQ measured it faster than the "
                                   f"pruned one); outputs checked against its fake-quant PyTorch "

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from codesign.artifact.checks import equality_report, tolerance_for
+from codesign.artifact.checks import check_inputs, equality_report, tolerance_for
 from codesign.artifact.manifest import FORMAT, LIBRARY
 from codesign.artifact.pack import (
     CompileOptions,
@@ -225,12 +225,16 @@ def ship_built(
     label: str,
     precisions: Sequence[str],
     policy: str | None = None,
+    data: Any = None,
     options: CompileOptions | None = None,
 ) -> ImportReport:
     """Ship a module compiled elsewhere (HAQ's mixed-precision network of a user's model) as
     the same verified archive: outputs checked against `reference` (its fake-quant PyTorch
-    twin, the tolerance of the loosest of `precisions`), latency measured. Local CPU targets
-    only: a remote or GPU target would need the module lowered again for a host check."""
+    twin, the tolerance of the loosest of `precisions`) on the first validation images of
+    `data` (as the project's quantized artifacts are: activation ranges are calibrated on
+    images, and normal noise leaves them; None: seeded noise), latency measured. Local CPU
+    targets only: a remote or GPU target would need the module lowered again for a host
+    check."""
     from codesign.artifact.tuning import untuned_section
     from codesign.tvm_backend.frontend import Imported, InputSpec
 
@@ -243,7 +247,7 @@ def ship_built(
     spec = InputSpec("input", tuple(built.input_shape), built.input_dtype, "NCHW")
     source = Imported(mod=None, input=spec, source="torch", ops=(), label=label,
                       reference=lambda x: reference(x))  # fmt: skip
-    checks = _check_inputs(spec, (), opts)
+    checks = check_inputs(data, spec.shape, opts.check_inputs, opts.seed)
     artifact, facts = _pack(source, built, None, target, out, opts, checks, None, False,
                             tuning=untuned_section(target, opts), seconds={}, precisions=precisions,
                             policy=policy)  # fmt: skip

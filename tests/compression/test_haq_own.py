@@ -196,11 +196,12 @@ def test_a_quantized_module_ships_as_a_verified_artifact(x86, tmp_path) -> None:
     from codesign.tvm_backend.precision import precision_menu
 
     g = trace_graph(small_net(), SHAPE)
-    x = load_dataset("digits", SHAPE[1:]).calibration(8, 1)
+    data = load_dataset("digits", SHAPE[1:])
+    x = data.calibration(8, 1)
     q = fake_quant_graph(g, calibrate_graph(g, [x]), [(8, 8)] * 5).eval()
     built = _compile(q, g, ["int8"] * 5, precision_menu(x86), x86)
     opts = CompileOptions(progress=False, protocol=MeasureProtocol.quick(), check_inputs=3)
-    kw = dict(target=x86, label="small (int8)", precisions=["int8"] * 5, options=opts)
+    kw = dict(target=x86, label="small (int8)", precisions=["int8"] * 5, data=data, options=opts)
     ref = _torch_reference(q)
     with pytest.raises(EqualityError, match="int8 tolerance"):
         ship_built(built, reference=lambda a: -ref(a), out=tmp_path / "bad.tar", **kw)
@@ -208,6 +209,7 @@ def test_a_quantized_module_ships_as_a_verified_artifact(x86, tmp_path) -> None:
     rep = ship_built(built, reference=ref, out=tmp_path / "int8.tar", policy="w8a8:int8", **kw)
     manifest = rep.artifact.manifest.data
     assert manifest["equality"]["precision"] == "int8" and manifest["equality"]["ok"]
+    assert manifest["equality"]["n_inputs"] == 3
     assert manifest["model"]["policies"]["quantization"] == "w8a8:int8"
     assert rep.latency_ms is not None and rep.latency_ms > 0
     xi = x[:1].numpy()
