@@ -166,18 +166,6 @@ def _why_not_ship(
     return None
 
 
-def _torch_reference(module: Any) -> Callable[[Any], Any]:
-    import torch
-
-    module = module.cpu().eval()
-
-    def run(x: Any) -> Any:
-        with torch.no_grad():
-            return module(torch.from_numpy(x)).numpy()
-
-    return run
-
-
 def quantize_step(
     model: Any, data: Any, *, target: Any, db: str | Path, budget_ms: float | None,
     out: str | Path, progress: bool = True, haq: Any = None,
@@ -286,9 +274,10 @@ def compress(
     why_not = _why_not_ship(quant, res, s.max_quant_drop, target)
     if quant is not None and why_not is None:
         from codesign.artifact.imported import ship_built
+        from codesign.tvm_backend.frontend import torch_reference
 
         say("compiling the quantized network into the artifact")
-        report = ship_built(quant["built"], reference=_torch_reference(quant["qnet"]),
+        report = ship_built(quant["built"], reference=torch_reference(quant["qnet"].cpu().eval()),
                             out=out / "model.tar", target=target, label=f"{model} (HAQ)",
                             precisions=quant["precisions"], policy=quant["policy_code"],
                             data=data, options=opts)  # fmt: skip

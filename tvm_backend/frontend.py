@@ -349,7 +349,8 @@ def _export(module: Any, shape: tuple[int, ...], label: str) -> Any:
         raise ModelImportError(f"torch.export could not export {label}: {err}") from None
 
 
-def _torch_reference(module: Any) -> Reference:
+def torch_reference(module: Any) -> Reference:
+    """`module`'s output (the first, for a tuple) on one numpy input, without gradients."""
     import torch
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -383,7 +384,7 @@ def import_torch(
         source="torch",
         ops=ops,
         label=label,
-        reference=_torch_reference(module),
+        reference=torch_reference(module),
         torch_module=module,
     )
 
@@ -452,6 +453,6 @@ def _import_program(
         source="torch",
         ops=ops,
         label=label,
-        reference=_torch_reference(module),
+        reference=torch_reference(module),
         torch_module=module,
     )

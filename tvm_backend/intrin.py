@@ -146,6 +146,14 @@ def task_intrin(task_mod: Any, target: Any) -> str:
     return intrin
 
 
+def design_space(task_mod: Any, target: Any) -> Any:
+    """The MetaSchedule design space a task is scheduled in, analytically or by tuning: the
+    tensorizing one (`int8_space`) for an int8 convolution the target has an intrinsic for,
+    else MetaSchedule's default."""
+    intrin = task_intrin(task_mod, target)
+    return int8_space(intrin) if intrin else "post-order-apply"
+
+
 def int8_space(intrin: str) -> Any:
     """TVM's x86 tensorization rule set (ScheduleRule::DefaultX86) for `intrin`."""
     from tvm.s_tir import meta_schedule as ms

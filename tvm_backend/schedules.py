@@ -223,14 +223,13 @@ def design_context(task_mod: Any, target: Target) -> Any:
     from tvm.s_tir import meta_schedule as ms
 
     from codesign.tvm_backend.fast_import import import_intrinsics
-    from codesign.tvm_backend.intrin import int8_space, task_intrin
+    from codesign.tvm_backend.intrin import design_space
 
     import_intrinsics()
-    intrin = task_intrin(task_mod, target)
     return ms.TuneContext(
         mod=task_mod,
         target=target.tvm_target(),
-        space_generator=int8_space(intrin) if intrin else "post-order-apply",
+        space_generator=design_space(task_mod, target),
         task_name="analytic",
         rand_state=DESIGN_SEED,
         num_threads=1,

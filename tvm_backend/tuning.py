@@ -270,20 +270,18 @@ def _tune_contexts(
     from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
     from tvm.s_tir.meta_schedule.utils import fork_seed
 
-    from codesign.tvm_backend.intrin import int8_space, task_intrin
+    from codesign.tvm_backend.intrin import design_space
 
     contexts, weights = [], []
     loggers = get_loggers_from_work_dir(work_dir, [t.extracted.task_name for t in todo])
     for task, logger, rand_state in zip(todo, loggers, fork_seed(seed, n=len(todo)), strict=True):
         if task.extracted.mod.attrs.get("tirx.is_scheduled", False):
             continue  # as MetaSchedule does: nothing to tune
-        intrin = task_intrin(task.mod, target)
-        space = int8_space(intrin) if intrin else "post-order-apply"
         contexts.append(
             ms.TuneContext(
                 mod=task.mod,
                 target=task.extracted.target,
-                space_generator=space,
+                space_generator=design_space(task.mod, target),
                 search_strategy=strategy,
                 task_name=task.extracted.task_name,
                 logger=logger,

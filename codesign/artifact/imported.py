@@ -246,7 +246,7 @@ def ship_built(
     t_all, out = time.time(), Path(out)
     spec = InputSpec("input", tuple(built.input_shape), built.input_dtype, "NCHW")
     source = Imported(mod=None, input=spec, source="torch", ops=(), label=label,
-                      reference=lambda x: reference(x))  # fmt: skip
+                      reference=reference)  # fmt: skip
     checks = check_inputs(data, spec.shape, opts.check_inputs, opts.seed)
     artifact, facts = _pack(source, built, None, target, out, opts, checks, None, False,
                             tuning=untuned_section(target, opts), seconds={}, precisions=precisions,

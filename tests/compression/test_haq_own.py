@@ -188,11 +188,11 @@ def test_a_quantized_module_ships_as_a_verified_artifact(x86, tmp_path) -> None:
     import codesign
     from codesign.artifact.imported import ship_built
     from codesign.artifact.pack import CompileOptions
-    from codesign.compression.compress import _torch_reference
     from codesign.compression.haq.own import _compile
     from codesign.data import load_dataset
     from codesign.errors import EqualityError
     from codesign.measurement import MeasureProtocol
+    from codesign.tvm_backend.frontend import torch_reference
     from codesign.tvm_backend.precision import precision_menu
 
     g = trace_graph(small_net(), SHAPE)
@@ -202,7 +202,7 @@ def test_a_quantized_module_ships_as_a_verified_artifact(x86, tmp_path) -> None:
     built = _compile(q, g, ["int8"] * 5, precision_menu(x86), x86)
     opts = CompileOptions(progress=False, protocol=MeasureProtocol.quick(), check_inputs=3)
     kw = dict(target=x86, label="small (int8)", precisions=["int8"] * 5, data=data, options=opts)
-    ref = _torch_reference(q)
+    ref = torch_reference(q)
     with pytest.raises(EqualityError, match="int8 tolerance"):
         ship_built(built, reference=lambda a: -ref(a), out=tmp_path / "bad.tar", **kw)
     assert not (tmp_path / "bad.tar").exists()
