@@ -3,6 +3,7 @@
     python benchmarks/measure_stability.py --quick      # 2 blocks + tiny network, 3 repeats
     python benchmarks/measure_stability.py              # 3 blocks + tiny network, 5 repeats
     python benchmarks/measure_stability.py --processes 8   # across 8 fresh processes
+    python benchmarks/measure_stability.py --passes 3      # one pass vs pools of 3, 24 networks
 
 Each module (LUT blocks of 20-800 us and a tiny whole network) is measured `--repeats` times
 per cell, in interleaved rounds: protocol (old | new) x condition (idle: after 0.5 s of rest |
@@ -25,11 +26,21 @@ With --processes N, every module is measured once per protocol in each of N fres
 a whole process while another module runs at its usual speed, so the spread across processes
 is what a LUT built today and a network measured tomorrow differ by. Writes
 measure_stability_processes.json.
+
+With --passes P, `--networks` seeded tiny networks are measured in 2P passes over all of them
+(the LUT's and the latency stage's batches, `MeasureProtocol.passes`) and two independent
+measurements of the batch are compared, as two runs of the latency stage would be: single
+passes (pass 0 vs pass 1) and pools of P passes (even passes vs odd passes, `Measurement.pool`).
+The scatter is the standard deviation across networks of log(a / b) after the common factor
+(the batch's median ratio: a slow phase that hits every network alike cancels in a latency
+model's fit): what a network's latency differs by between two measurements of the batch. Writes
+measure_stability_passes.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -201,13 +212,66 @@ def across_processes(n: int, quick: bool) -> int:
     return 0
 
 
+def across_passes(passes: int, n_networks: int) -> int:
+    from codesign.latency.networks import compile_network, sample_archs
+    from codesign.modules import build_network
+    from codesign.search.space import get_space
+    from codesign.tvm_backend.runner import LocalRunner
+
+    info, t0 = machine(), time.time()
+    space, target = get_space("tiny"), parse_target("x86")
+    archs = sample_archs(space, n_networks, seed=0)
+    built = [compile_network(build_network(space, a), target, label=a.encode())[0] for a in archs]
+    runner = LocalRunner()
+    runs: list[list[Measurement]] = [[] for _ in built]
+    for p in range(2 * passes):
+        for i, b in enumerate(built):
+            runs[i].append(runner.run(b, PROTOCOL))
+        print(f"pass {p + 1}/{2 * passes} ({time.time() - t0:.0f} s)", flush=True)
+
+    def scatter(a: list[float], b: list[float]) -> float:
+        logs = [math.log(x / y) for x, y in zip(a, b, strict=True)]
+        mid = statistics.median(logs)
+        return math.sqrt(statistics.fmean((v - mid) ** 2 for v in logs))
+
+    def pooled(which: range) -> list[float]:
+        return [Measurement.pool([r[j] for j in which]).median_ms for r in runs]
+
+    single = [scatter(pooled(range(j, j + 1)), pooled(range(j + 1, j + 2)))
+              for j in range(0, 2 * passes, 2)]  # fmt: skip
+    pools = scatter(pooled(range(0, 2 * passes, 2)), pooled(range(1, 2 * passes, 2)))
+    one = statistics.median(single)
+    print(f"{len(built)} networks: scatter between two measurements of the batch, one pass "
+          f"{one:.2%} (pairs {', '.join(f'{x:.2%}' for x in single)}), pools of {passes} "
+          f"passes {pools:.2%}: {one / pools:.2f}x steadier")  # fmt: skip
+    write_result(
+        "measure_stability_passes",
+        {
+            "machine": info,
+            "networks": len(built),
+            "passes": passes,
+            "protocol": PROTOCOL.to_dict(),
+            "scatter_one_pass": round(one, 4),
+            "scatter_one_pass_pairs": [round(x, 4) for x in single],
+            "scatter_pooled": round(pools, 4),
+            "ratio_one_over_pooled": round(one / pools, 3),
+            "seconds": round(time.time() - t0, 1),
+        },
+    )
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 blocks + network, 3 repeats")
     ap.add_argument("--repeats", type=int, default=None, help="measurements per cell")
     ap.add_argument("--processes", type=int, default=0, help="measure across N fresh processes")
+    ap.add_argument("--passes", type=int, default=0, help="one pass vs pools of P passes")
+    ap.add_argument("--networks", type=int, default=24, help="networks for --passes")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.passes:
+        return across_passes(args.passes, args.networks)
     if args.child:
         return child(args.quick)
     if args.processes:

@@ -134,7 +134,7 @@ def build_lut(
     """
     from codesign.tvm_backend.build import compile_module, prepare
     from codesign.tvm_backend.lower import lower_block
-    from codesign.tvm_backend.runner import SecondPass, Where, run_steady
+    from codesign.tvm_backend.runner import LaterPasses, Where, run_steady
 
     if space is None and blocks is None:
         raise ValueError("build_lut needs a search space or an explicit list of blocks")
@@ -237,7 +237,7 @@ def build_lut(
                 progress=progress,
             )
             blocks = ()  # measured above
-        later = SecondPass(runner, protocol) if runner is not None else None
+        later = LaterPasses(runner, protocol) if runner is not None else None
         with _progress(len(blocks), f"measure {mode}", progress) as bar:
             for b in blocks:
                 interrupt.check()
@@ -357,6 +357,7 @@ def _measure_on_farm(
     from codesign.tvm_backend.lower import lower_block
 
     mode = report.mode
+    protocol = dataclasses.replace(protocol, passes=1)  # the farm measures each block once
     provs: dict[str, Provenance] = {}
     todo: list[Item] = []
     for b in blocks:

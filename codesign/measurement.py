@@ -39,16 +39,31 @@ class MeasureProtocol:
     """TVM `time_evaluator` settings. Each of `repeat` samples averages >= `number` runs and
     lasts at least `min_repeat_ms`; TVM makes one untimed warm-up call first. With
     `cache_flush`, CPU caches are flushed before every run (weights become runtime inputs so
-    that the flush reaches them)."""
+    that the flush reaches them).
+
+    `passes`: a batch of modules (a LUT's blocks, a set of networks) is measured this many
+    times, in passes over the whole batch, and each module's quiet windows are pooled
+    (`Measurement.pool`): the host's slow phases last seconds to minutes, so runs of one module
+    spread over the batch's time rarely all fall in one (each run also gets a fresh VM and
+    fresh buffers: one VM instance can run 1.3x slower than the next for its whole life).
+    Measured on the EMR guest, 24 tiny networks: 10.5% scatter between two single passes
+    (6-20%), 3.5% between two pools of 3 (benchmarks/measure_stability.py --passes 3). A module
+    measured alone is timed once."""
 
     repeat: int = 10
     number: int = 1
     min_repeat_ms: int = 50
     cache_flush: bool = False
+    passes: int = 3
 
     def __post_init__(self) -> None:
-        if self.repeat < 1 or self.number < 1 or self.min_repeat_ms < 0:
+        if self.repeat < 1 or self.number < 1 or self.min_repeat_ms < 0 or self.passes < 1:
             raise ValueError(f"invalid measurement protocol {self}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MeasureProtocol:
+        """A stored protocol; one stored before `passes` existed was measured in two."""
+        return cls(**{"passes": 2, **d})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,20 +141,29 @@ class Measurement:
         )
 
     def pooled(self, other: Measurement) -> Measurement:
-        """One measurement of the quiet windows of both (`quiet_samples`): the same module
-        measured twice, apart in time, so that a slow phase of the host which covered one of
-        them does not set the result. A failed side is ignored, and so is a side that never got
-        a quiet CPU (`converged=False`) beside one that did; two such stay as they were."""
-        if not other.ok:
-            return self
-        if not self.ok:
-            return other
-        sides = [m for m in (self, other) if m.converged]
-        if not sides:
-            both = self.samples_ms + other.samples_ms
-            return Measurement.from_samples([x / 1e3 for x in both], converged=False)
-        xs = quiet_samples([x for m in sides for x in m.samples_ms])
-        return Measurement.from_samples([x / 1e3 for x in xs])
+        """`Measurement.pool([self, other])`."""
+        return Measurement.pool([self, other])
+
+    @classmethod
+    def pool(cls, runs: Sequence[Measurement]) -> Measurement:
+        """One measurement of the quiet windows of all `runs` (`quiet_samples`): the same module
+        measured several times, apart in time, so that a slow phase of the host which covered
+        some of them does not set the result. Failed runs are ignored, and so are runs that
+        never got a quiet CPU (`converged=False`) beside one that did; only such stay as they
+        were (unconverged). Nothing measured: the first failure."""
+        ok = [m for m in runs if m.ok]
+        if not ok:
+            return runs[0] if runs else cls.failed("no runs")
+        if len(ok) == 1:
+            return ok[0]
+        quiet = [m for m in ok if m.converged]
+        if not quiet:
+            every = [x / 1e3 for m in ok for x in m.samples_ms]
+            return cls.from_samples(every, converged=False)
+        if len(quiet) == 1:
+            return quiet[0]
+        xs = quiet_samples([x for m in quiet for x in m.samples_ms])
+        return cls.from_samples([x / 1e3 for x in xs])
 
     @classmethod
     def failed(cls, error: str) -> Measurement:
@@ -172,7 +196,7 @@ class Provenance:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Provenance:
         d = dict(d)
-        d["protocol"] = MeasureProtocol(**d["protocol"])
+        d["protocol"] = MeasureProtocol.from_dict(d["protocol"])
         return cls(**d)
 
     @property

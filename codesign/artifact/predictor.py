@@ -131,7 +131,7 @@ class Predictor:
 
 def _manifest_protocol(m: Manifest) -> MeasureProtocol:
     lat = m.data.get("latency")
-    return MeasureProtocol(**lat["protocol"]) if lat else MeasureProtocol()
+    return MeasureProtocol.from_dict(lat["protocol"]) if lat else MeasureProtocol()
 
 
 def preprocess_image(image: Any, prep: Preprocessing, shape: tuple[int, ...]) -> np.ndarray:

@@ -105,7 +105,7 @@ def measure_networks(
 
     from codesign.modules import build_network
     from codesign.tvm_backend.build import compile_module
-    from codesign.tvm_backend.runner import STEADY_CV, SecondPass, Where, run_steady
+    from codesign.tvm_backend.runner import STEADY_CV, LaterPasses, Where, run_steady
 
     space, target = get_space(space), parse_target(target)
     protocol = protocol or MeasureProtocol()
@@ -118,7 +118,7 @@ def measure_networks(
 
         database = open_tuning_database(db, target.key)
     table = LatencyTable(db)
-    later = SecondPass(runner, protocol)
+    later = LaterPasses(runner, protocol)
     try:
         bar = tqdm(
             archs,

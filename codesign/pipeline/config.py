@@ -60,8 +60,9 @@ class LatencyConfig:
     # report shows the noise floor; the shipped network is measured anyway); false refuses it
     allow_noisy: bool = True
     # search / AMC: measure up to this many candidates whose prediction is uncertain near the
-    # budget instead of trusting it (codesign.latency.measured); 0: predictions only
-    measure_uncertain: int = 0
+    # budget instead of trusting it (codesign.latency.measured); 0: predictions only. Each costs
+    # a compile and a measurement (a few seconds for the tiny space)
+    measure_uncertain: int = 4
 
 
 @dataclass(frozen=True, slots=True)

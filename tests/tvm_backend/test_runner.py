@@ -14,9 +14,9 @@ from codesign.errors import TargetError
 from codesign.measurement import Measurement, MeasureProtocol, quiet_samples
 from codesign.tvm_backend.runner import (
     STEADY_CV,
+    LaterPasses,
     LocalRunner,
     RPCRunner,
-    SecondPass,
     Where,
     relative_spread,
     run_delay_s,
@@ -71,7 +71,7 @@ def test_quiet_samples_are_the_hosts_fast_state() -> None:
     assert quiet_samples([0.2] + [1.0] * 9 + [1.3] * 10) == [0.2] + [1.0] * 9
 
 
-def test_pooled_measurements_and_the_second_pass() -> None:
+def test_pooled_measurements_and_the_later_passes() -> None:
     slow = Measurement.from_samples([1.4e-3, 1.41e-3, 1.39e-3, 1.4e-3])
     fast = Measurement.from_samples([1.0e-3, 1.01e-3, 0.99e-3, 1.0e-3])
     assert slow.pooled(fast).median_ms == pytest.approx(1.0, rel=0.01)
@@ -81,6 +81,8 @@ def test_pooled_measurements_and_the_second_pass() -> None:
     both = loaded.pooled(loaded)
     assert not both.converged and both.repeats == 8
     assert slow.pooled(Measurement.failed("lost")) == slow
+    assert Measurement.pool([slow, slow, fast]).median_ms == pytest.approx(1.0, rel=0.01)
+    assert not Measurement.pool([Measurement.failed("a"), Measurement.failed("b")]).ok
 
     class Script(LocalRunner):
         def __init__(self) -> None:
@@ -91,14 +93,28 @@ def test_pooled_measurements_and_the_second_pass() -> None:
             return fast
 
     runner, stored = Script(), {}
-    later = SecondPass(runner, MeasureProtocol.quick(), keep=2)
+    later = LaterPasses(runner, MeasureProtocol(repeat=3, min_repeat_ms=5, passes=3), keep=2)
     for name in "abc":
         later.add(name, slow, lambda m, name=name: stored.__setitem__(name, m))
-    assert runner.calls == ["a"] and len(later) == 2  # bounded: the oldest went early
+    assert runner.calls == ["a", "a"] and len(later) == 4  # bounded: the oldest went early
     later.add("failed", Measurement.failed("x"), stored.__setitem__)  # nothing to pool
     later.run()
-    assert runner.calls == ["a", "b", "c"]
+    # the later passes go over all waiting modules in turn (interleaved in time)
+    assert runner.calls == ["a", "a", "b", "c", "b", "c"] and len(later) == 0
     assert {k: round(v.median_ms, 3) for k, v in stored.items()} == {"a": 1.0, "b": 1.0, "c": 1.0}
+    one = LaterPasses(runner, MeasureProtocol(passes=1))
+    one.add("d", slow, stored.__setitem__)
+    one.run()
+    assert len(one) == 0 and runner.calls[-1] == "c"  # one pass: measured once, nothing more
+
+
+def test_protocols_stored_before_passes_read_as_two_passes() -> None:
+    old = MeasureProtocol().to_dict()
+    del old["passes"]
+    assert MeasureProtocol.from_dict(old).passes == 2
+    assert MeasureProtocol.from_dict(MeasureProtocol().to_dict()) == MeasureProtocol()
+    with pytest.raises(ValueError):
+        MeasureProtocol(passes=0)
 
 
 def test_median_error_and_spread_statistics() -> None:

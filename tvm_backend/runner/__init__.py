@@ -2,7 +2,7 @@
 network) on a device chosen by one value, `Where`.
 
 base      `Runner` (run(built, protocol) -> Measurement) and `Where` (local, or tracker + key)
-timing    the one `time_evaluator` loop (`time_vm`), `run_steady`, `SecondPass`, seeded inputs
+timing    the one `time_evaluator` loop (`time_vm`), `run_steady`, `LaterPasses`, seeded inputs
 threads   the TVM runtime thread pool: sizing, checking, keeping the caller's CPU mask
 local     `LocalRunner`: this machine
 rpc       `RPCRunner`: RPC servers through the farm scheduler; `measure_session` on a session
@@ -30,7 +30,7 @@ from codesign.tvm_backend.runner.threads import (
 from codesign.tvm_backend.runner.timing import (
     FLUSH,
     STEADY_CV,
-    SecondPass,
+    LaterPasses,
     random_input,
     run_delay_s,
     run_steady,
@@ -45,7 +45,7 @@ __all__ = [
     "RemoteJob",
     "RemoteResult",
     "Runner",
-    "SecondPass",
+    "LaterPasses",
     "Where",
     "affinity_kept",
     "check_thread_pool",

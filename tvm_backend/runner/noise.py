@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from codesign.errors import CodesignError
-from codesign.measurement import MeasureProtocol
+from codesign.measurement import Measurement, MeasureProtocol
 from codesign.tvm_backend.runner.base import Runner
 
 REPEATS = 7
@@ -29,12 +29,16 @@ def relative_spread(values: Sequence[float]) -> float:
 def repeat_spread(
     runner: Runner, built: Any, protocol: MeasureProtocol, *, repeats: int = REPEATS
 ) -> tuple[float, tuple[float, ...]]:
-    """Measure `built` `repeats` times with `protocol`: (relative spread of the medians, the
-    medians in ms). Raises CodesignError when a run fails."""
-    medians = []
-    for _ in range(max(2, repeats)):
+    """Measure `built` as a stored measurement is made, `repeats` times: (relative spread of
+    the medians, the medians in ms). With `protocol.passes` > 1 each value pools that many runs
+    taken apart in time, as a batch's passes are (repeat j pools runs j, j + repeats, ...).
+    Raises CodesignError when a run fails."""
+    n = max(2, repeats)
+    runs: list[Measurement] = []
+    for _ in range(n * protocol.passes):
         m = runner.run(built, protocol)
         if not m.ok:
             raise CodesignError(f"measuring the noise floor on {built.label} failed: {m.error}")
-        medians.append(m.median_ms)
+        runs.append(m)
+    medians = [Measurement.pool(runs[j::n]).median_ms for j in range(n)]
     return relative_spread(medians), tuple(medians)

@@ -160,37 +160,48 @@ def run_steady(
     return best
 
 
-class SecondPass:
-    """Modules measured once, measured again after the others, their windows pooled
-    (`Measurement.pooled`): a slow phase of the host lasts up to seconds (seen on the EMR guest:
-    3.5 s at 1.4x), longer than one measurement but not than a pass over a LUT's blocks, so the
-    two measurements of a module rarely both fall in one. Bounded: one more run per module, and
-    at most `keep` compiled modules wait (the oldest is measured again when one more comes)."""
+class LaterPasses:
+    """Modules measured once, measured `protocol.passes - 1` times more in passes over all of
+    them, their windows pooled (`Measurement.pool`): a slow phase of the host lasts seconds
+    (seen on the EMR guest: 3.5 s at 1.4x) to minutes, longer than one measurement but rarely
+    than a pass over a batch, so the runs of a module rarely all fall in one. Bounded: at most
+    `keep` compiled modules wait (the oldest gets its passes at once when one more comes).
+    Each pass stores the pool so far, so an interrupted pass loses nothing measured."""
 
     def __init__(self, runner: Runner, protocol: MeasureProtocol, *, keep: int = 48) -> None:
         self.runner, self.protocol, self.keep = runner, protocol, keep
-        self._pending: list[tuple[Any, Measurement, Callable[[Measurement], None]]] = []
+        self.more = protocol.passes - 1
+        self._pending: list[tuple[Any, list[Measurement], Callable[[Measurement], None]]] = []
 
     def __len__(self) -> int:
-        return len(self._pending)
+        """Runs still to do."""
+        return sum(self.more + 1 - len(runs) for _, runs, _ in self._pending)
 
     def add(self, built: Any, first: Measurement, store: Callable[[Measurement], None]) -> None:
-        """Measure `built` again later; `store` gets the pooled measurement."""
-        if first.ok:
-            self._pending.append((built, first, store))
+        """Measure `built` again in the later passes; `store` gets each pool."""
+        if first.ok and self.more > 0:
+            self._pending.append((built, [first], store))
         if len(self._pending) > self.keep:
-            self._again()
+            self._finish(self._pending.pop(0))
 
     def run(self, on_done: Callable[[], None] | None = None) -> None:
-        """Measure every waiting module again (the first measurements are stored already)."""
+        """The later passes over every waiting module (the first runs are stored already);
+        `on_done` after each run."""
         from codesign import interrupt
 
         while self._pending:
-            interrupt.check()
-            self._again()
-            if on_done is not None:
-                on_done()
+            for item in list(self._pending):
+                interrupt.check()
+                self._again(item)
+                if on_done is not None:
+                    on_done()
+            self._pending = [it for it in self._pending if len(it[1]) <= self.more]
 
-    def _again(self) -> None:
-        built, first, store = self._pending.pop(0)
-        store(first.pooled(self.runner.run(built, self.protocol)))
+    def _finish(self, item: tuple[Any, list[Measurement], Callable[[Measurement], None]]) -> None:
+        while len(item[1]) <= self.more:
+            self._again(item)
+
+    def _again(self, item: tuple[Any, list[Measurement], Callable[[Measurement], None]]) -> None:
+        built, runs, store = item
+        runs.append(self.runner.run(built, self.protocol))
+        store(Measurement.pool(runs))
