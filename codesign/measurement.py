@@ -70,8 +70,8 @@ class MeasureProtocol:
 
     @classmethod
     def quick(cls) -> MeasureProtocol:
-        """A cheap protocol for tests."""
-        return cls(repeat=3, number=1, min_repeat_ms=5)
+        """A cheap protocol for tests: short windows, one pass."""
+        return cls(repeat=3, number=1, min_repeat_ms=5, passes=1)
 
 
 @dataclass(frozen=True, slots=True)

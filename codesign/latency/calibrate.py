@@ -1,7 +1,7 @@
 """A few-network correction of the LUT sum, shrunk towards a prior, with prediction intervals.
 
     log(measured / LUT sum) = z . w        z: host-independent network features (below)
-    w = argmin |Z w - y|^2 + lam |S (w - w0)|^2
+    w = argmin |Z w - y|^2 + lam |S (w - w0)|^2      (every weight but the intercept)
 
 `w0` is the prior: zero (the LUT sum itself) or the weights fitted on another target or space
 (`codesign latency fit --adapt`). `lam` is chosen by leave-one-out error (closed form), so with
@@ -136,8 +136,19 @@ def space_scales(schema: FeatureSchema, x_space: np.ndarray) -> np.ndarray:
     return np.where(s > 1e-12, s, 1.0)
 
 
+def _penalty(k: int) -> np.ndarray:
+    """The ridge penalty: every weight but the intercept. The intercept (the target's level:
+    how far its networks run from its LUT sums) is always fitted from the target's own
+    networks; a prior from another target or space lends only the shape (the source's level is
+    its own host's: tiny's networks ran 6% under their LUT sums on the EMR guest, tiny-w2's on
+    theirs)."""
+    p = np.eye(k)
+    p[0, 0] = 0.0
+    return p
+
+
 def _solve(zs: np.ndarray, yt: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
-    gram = zs.T @ zs + lam * np.eye(zs.shape[1])
+    gram = zs.T @ zs + lam * _penalty(zs.shape[1])
     g = np.linalg.inv(gram)
     return g @ zs.T @ yt, g
 
@@ -160,9 +171,13 @@ def fit_ridge(
     yt = y - z @ w0
     n = len(y)
     # (LOO squared errors, lambda, correction, inverse Gram, effective parameters), from the
-    # prior itself (lambda -> infinity: its LOO error is its plain error) to the weakest pull
-    g_prior = np.linalg.inv(zs.T @ zs + 1e6 * np.eye(zs.shape[1]))
-    fits = [(yt**2, float("inf"), np.zeros_like(w0), g_prior, 0.0)]
+    # prior itself (lambda -> infinity: the prior's shape at the level of these networks, whose
+    # LOO error is that of their mean) to the weakest pull
+    g_prior = np.linalg.inv(zs.T @ zs + 1e6 * _penalty(zs.shape[1]))
+    level = np.zeros_like(w0)
+    level[0] = float(np.mean(yt))
+    loo_level = (yt - level[0]) * n / max(n - 1, 1)
+    fits = [(loo_level**2, float("inf"), level, g_prior, 1.0)]
     for lam in sorted(lambdas, reverse=True):
         d, g = _solve(zs, yt, lam)
         h = np.einsum("ij,jk,ik->i", zs, g, zs)

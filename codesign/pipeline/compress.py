@@ -182,6 +182,9 @@ def quantize(
     # Only what measures faster ships: on an AVX2 host int8 and fp16 kernels of tiny layers can
     # lose to fp32, and a LUT sum of blocks misses the casts between precisions.
     gain = min_gain(db)
+    # the float network measured in passes alternating with the quantized one (not the prune
+    # step's measurement, minutes earlier: the host's phases would decide)
+    before = {**before, "measured_ms": res.get("float_ms", before["measured_ms"])}
     faster = measured_faster(res["ms"], before["measured_ms"], gain)
     return {
         "method": "haq",

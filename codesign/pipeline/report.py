@@ -250,8 +250,16 @@ def _compression_lines(s: dict[str, Any], rel: dict[str, Path]) -> list[str]:
     for step in ("search", "prune", "quantize"):
         counts = (s.get(step) or {}).get("latency_counts")
         if counts:
-            answers = ", ".join(f"{v} {k}" for k, v in counts.items())
-            lines.append(f"- {step}: candidates' latencies {answers}")
+            lines.append(
+                f"- {step}: {counts['measured']} candidates measured on the target instead of "
+                f"predicted (uncertain near the budget), {counts['cached']} reused, "
+                f"{counts['predicted']} predicted, {counts['failed']} measurements failed"
+            )
+    if (s.get("quantize") or {}).get("method") == "haq":
+        lines.append(
+            "- quantize: candidates priced by the precision LUT's sum; the network found is "
+            "measured in alternating passes with the float one"
+        )
     lines.append("")
     for step in ("prune", "quantize"):
         out = s[step]

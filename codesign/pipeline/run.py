@@ -95,7 +95,7 @@ def _stages(
     up = {"latency": lat["digest"], "budget": budget["budget_ms"]}
     srch = runner.run(
         "search",
-        {**up, "cfg": cfg.digest("search", "task")},
+        {**up, "cfg": cfg.digest("search", "task"), "measure": cfg.latency.measure_uncertain},
         lambda work: stage_search(cfg, db, lat["model"], budget["budget_ms"], work, progress),
     )
     base = runner.run(
@@ -109,7 +109,12 @@ def _stages(
     )
     pruned = runner.run(
         "prune",
-        {**up, "search": digest_of(srch), "amc": cfg.compress.amc_keys()},
+        {
+            **up,
+            "search": digest_of(srch),
+            "amc": cfg.compress.amc_keys(),
+            "measure": cfg.latency.measure_uncertain,
+        },
         lambda work: stage_prune(cfg, srch, db, lat["model"], work, progress),
     )
     quant = runner.run(
@@ -153,7 +158,7 @@ def _stages(
         "budget": budget,
         "lut": lut["report"],
         "latency": {k: v for k, v in lat.items() if k != "digest"},
-        "search": srch["report"],
+        "search": {**srch["report"], "latency_counts": srch.get("latency_counts")},
         "baselines": base["points"],
         "compress": {"methods": list(cfg.compress.methods), "steps": _steps(srch, pruned, quant)},
         "prune": pruned,

@@ -268,13 +268,13 @@ def prune_model(
             "Pass --no-measure (the artifact is still compiled and checked on a host build)."
         )
     if job.measure:
-        from codesign.tvm_backend.runner import LocalRunner
+        from codesign.tvm_backend.runner import LocalRunner, measure_in_passes
 
-        runner = LocalRunner(seed=config.seed)
         base_built = compile_like_lut(net, target, lat=lat, label="base")
         pruned_built = compile_like_lut(pruned, target, lat=lat, label="pruned")
-        m_base = runner.run(base_built, job.protocol)
-        m_pruned = runner.run(pruned_built, job.protocol)
+        m_base, m_pruned = measure_in_passes(
+            LocalRunner(seed=config.seed), [base_built, pruned_built], job.protocol
+        )
         for m in (m_base, m_pruned):
             if not m.ok:
                 raise PruneError(f"measuring on {target.key} failed: {m.error}")

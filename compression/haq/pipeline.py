@@ -203,10 +203,38 @@ def prepare(
     return Prepared(net, data, ranges, target, menu, Path(db), latency, cfg.trials, cfg.seed)
 
 
+def compile_float(prep: Prepared) -> Any:
+    """The float network compiled as the LUT's networks are (and as it would ship)."""
+    from codesign.latency.networks import compile_network
+
+    database = None
+    if prep.trials > 0:
+        from codesign.tvm_backend.database import open_tuning_database
+
+        database = open_tuning_database(prep.db, prep.target.key)
+    try:
+        built, _ = compile_network(
+            prep.net, prep.target, label="float", database=database, trials=prep.trials,
+            seed=prep.seed,
+        )  # fmt: skip
+    finally:
+        if database is not None:
+            database.close()
+    return built
+
+
 def evaluate_policy(
-    prep: Prepared, policy: QuantPolicy, qat: QATConfig, val_images: int, protocol: MeasureProtocol
+    prep: Prepared,
+    policy: QuantPolicy,
+    qat: QATConfig,
+    val_images: int,
+    protocol: MeasureProtocol,
+    *,
+    against_float: bool = False,
 ) -> dict[str, Any]:
-    """Fine-tune the fake-quant network at `policy`, compile it, measure accuracy and latency."""
+    """Fine-tune the fake-quant network at `policy`, compile it, measure accuracy and latency.
+    With `against_float`, the float network is compiled too and the two are measured in
+    alternating passes (`float_ms`): a ship decision then compares like with like."""
     from codesign.compression.quant.fakequant import quantize_network
     from codesign.compression.quant.qat import finetune
     from codesign.train import evaluate
@@ -219,13 +247,25 @@ def evaluate_policy(
         qnet, policy, prep.menu, prep.target, prep.db, trials=prep.trials, seed=prep.seed
     )
     acc_tvm, n = compiled_accuracy(built, prep.data, val_images)
+    timed: dict[str, float] = {}
+    if against_float:
+        from codesign.tvm_backend.runner import LocalRunner, measure_in_passes
+
+        pair = measure_in_passes(
+            LocalRunner(seed=prep.seed), [built, compile_float(prep)], protocol
+        )
+        for m in pair:
+            if not m.ok:
+                raise CodesignError(f"measuring {built.label} against float failed: {m.error}")
+        timed = {"ms": pair[0].median_ms, "float_ms": pair[1].median_ms}
     return {
         "policy": policy.encode(),
         "precisions": {p: policy.precisions.count(p) for p in set(policy.precisions)},
         "acc_fakequant": evaluate(qnet, prep.data, limit=val_images),
         "acc": acc_tvm,
         "val_images": int(n),
-        "ms": measure_built(built, protocol),
+        "ms": timed["ms"] if timed else measure_built(built, protocol),
+        **({"float_ms": timed["float_ms"]} if timed else {}),
         "lut_ms": prep.latency(policy.apply(prep.net.specs)),
         "size_mb": policy.size_mb(prep.net.specs),
         "qnet": qnet,
@@ -275,7 +315,9 @@ def search_and_save(
     from codesign.compression.quant.saved import save_quantized_model
 
     policy, summary = run_haq(prep, cfg, checkpoint, progress=progress)
-    res = evaluate_policy(prep, policy, cfg.final_qat, cfg.val_images, cfg.protocol)
+    res = evaluate_policy(
+        prep, policy, cfg.final_qat, cfg.val_images, cfg.protocol, against_float=True
+    )
     qnet, _built = res.pop("qnet"), res.pop("built")
     save_quantized_model(
         dest,

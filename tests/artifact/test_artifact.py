@@ -31,6 +31,7 @@ from codesign.errors import (
     InputError,
     ManifestError,
 )
+from codesign.measurement import MeasureProtocol
 from codesign.targets import parse_target
 
 
@@ -95,7 +96,7 @@ def test_compile_writes_a_complete_manifest(x86_artifact: Path, trained_model_di
     assert d["weights"]["storage"] == "embedded" and "recompile" in d["weights"]["note"]
     lat = d["latency"]
     assert 0 < lat["min_ms"] <= lat["median_ms"] <= lat["max_ms"] < 100
-    assert lat["protocol"] == {"repeat": 3, "number": 1, "min_repeat_ms": 5, "cache_flush": False}
+    assert lat["protocol"] == MeasureProtocol.quick().to_dict()
     assert lat["threads"] == parse_target("x86").threads and lat["emulated"] is False
     # accuracy of the compiled module on the whole validation split agrees with PyTorch's
     acc = d["accuracy"]

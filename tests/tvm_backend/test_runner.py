@@ -18,6 +18,7 @@ from codesign.tvm_backend.runner import (
     LocalRunner,
     RPCRunner,
     Where,
+    measure_in_passes,
     relative_spread,
     run_delay_s,
 )
@@ -96,16 +97,20 @@ def test_pooled_measurements_and_the_later_passes() -> None:
     later = LaterPasses(runner, MeasureProtocol(repeat=3, min_repeat_ms=5, passes=3), keep=2)
     for name in "abc":
         later.add(name, slow, lambda m, name=name: stored.__setitem__(name, m))
-    assert runner.calls == ["a", "a"] and len(later) == 4  # bounded: the oldest went early
+    # bounded: `keep` modules waiting get their passes, interleaved (a chunk of the batch)
+    assert runner.calls == ["a", "b", "a", "b"] and len(later) == 2
     later.add("failed", Measurement.failed("x"), stored.__setitem__)  # nothing to pool
     later.run()
-    # the later passes go over all waiting modules in turn (interleaved in time)
-    assert runner.calls == ["a", "a", "b", "c", "b", "c"] and len(later) == 0
+    assert runner.calls == ["a", "b", "a", "b", "c", "c"] and len(later) == 0
     assert {k: round(v.median_ms, 3) for k, v in stored.items()} == {"a": 1.0, "b": 1.0, "c": 1.0}
+    # modules to compare alternate: a slow phase hits both, not one of them
+    runner.calls.clear()
+    pair = measure_in_passes(runner, ["x", "y"], MeasureProtocol(passes=3))
+    assert runner.calls == ["x", "y"] * 3 and [m.median_ms for m in pair] == [1.0, 1.0]
     one = LaterPasses(runner, MeasureProtocol(passes=1))
     one.add("d", slow, stored.__setitem__)
     one.run()
-    assert len(one) == 0 and runner.calls[-1] == "c"  # one pass: measured once, nothing more
+    assert len(one) == 0 and runner.calls[-1] == "y"  # one pass: measured once, nothing more
 
 
 def test_protocols_stored_before_passes_read_as_two_passes() -> None:

@@ -2,7 +2,7 @@
 network) on a device chosen by one value, `Where`.
 
 base      `Runner` (run(built, protocol) -> Measurement) and `Where` (local, or tracker + key)
-timing    the one `time_evaluator` loop (`time_vm`), `run_steady`, `LaterPasses`, seeded inputs
+timing    the one `time_evaluator` loop (`time_vm`), `run_steady`, `LaterPasses`, `measure_in_passes`, seeded inputs
 threads   the TVM runtime thread pool: sizing, checking, keeping the caller's CPU mask
 local     `LocalRunner`: this machine
 rpc       `RPCRunner`: RPC servers through the farm scheduler; `measure_session` on a session
@@ -31,6 +31,7 @@ from codesign.tvm_backend.runner.timing import (
     FLUSH,
     STEADY_CV,
     LaterPasses,
+    measure_in_passes,
     random_input,
     run_delay_s,
     run_steady,
@@ -55,6 +56,7 @@ __all__ = [
     "relative_spread",
     "repeat_spread",
     "run_delay_s",
+    "measure_in_passes",
     "run_steady",
     "set_threads",
     "size_thread_pool",

@@ -160,13 +160,29 @@ def run_steady(
     return best
 
 
+def measure_in_passes(
+    runner: Runner, builts: Sequence[Any], protocol: MeasureProtocol
+) -> list[Measurement]:
+    """Each of `builts` (modules to compare: a network and its pruned or quantized twin)
+    measured `protocol.passes` times, alternating, each one's runs pooled: a slow phase of the
+    host (seconds) then hits both alike instead of one of them. A failed run is ignored unless
+    all of a module's runs failed."""
+    runs: list[list[Measurement]] = [[] for _ in builts]
+    for _ in range(protocol.passes):
+        for mine, built in zip(runs, builts, strict=True):
+            mine.append(runner.run(built, protocol))
+    return [Measurement.pool(mine) for mine in runs]
+
+
 class LaterPasses:
     """Modules measured once, measured `protocol.passes - 1` times more in passes over all of
     them, their windows pooled (`Measurement.pool`): a slow phase of the host lasts seconds
     (seen on the EMR guest: 3.5 s at 1.4x) to minutes, longer than one measurement but rarely
     than a pass over a batch, so the runs of a module rarely all fall in one. Bounded: at most
-    `keep` compiled modules wait (the oldest gets its passes at once when one more comes).
-    Each pass stores the pool so far, so an interrupted pass loses nothing measured."""
+    `keep` compiled modules wait; then their passes run, over those `keep` (a larger batch is
+    measured in chunks; finishing the oldest module alone instead gave it three back-to-back
+    runs: the first 22 of 70 networks scattered twice as much as the others). Each run stores
+    the pool so far, so an interrupted pass loses nothing measured."""
 
     def __init__(self, runner: Runner, protocol: MeasureProtocol, *, keep: int = 48) -> None:
         self.runner, self.protocol, self.keep = runner, protocol, keep
@@ -181,8 +197,8 @@ class LaterPasses:
         """Measure `built` again in the later passes; `store` gets each pool."""
         if first.ok and self.more > 0:
             self._pending.append((built, [first], store))
-        if len(self._pending) > self.keep:
-            self._finish(self._pending.pop(0))
+        if len(self._pending) >= self.keep:
+            self.run()
 
     def run(self, on_done: Callable[[], None] | None = None) -> None:
         """The later passes over every waiting module (the first runs are stored already);
@@ -196,10 +212,6 @@ class LaterPasses:
                 if on_done is not None:
                     on_done()
             self._pending = [it for it in self._pending if len(it[1]) <= self.more]
-
-    def _finish(self, item: tuple[Any, list[Measurement], Callable[[Measurement], None]]) -> None:
-        while len(item[1]) <= self.more:
-            self._again(item)
 
     def _again(self, item: tuple[Any, list[Measurement], Callable[[Measurement], None]]) -> None:
         built, runs, store = item
