@@ -70,7 +70,7 @@ class MeasuringLatency:
         self.protocol = protocol
         self.runner = runner
         self.seed = seed
-        self._memo: dict[tuple[str, ...], float] = {}
+        self._memo: dict[tuple[str, ...], tuple[float, bool]] = {}  # ms, measured
         self._n = {"measured": 0, "cached": 0, "predicted": 0, "failed": 0}
 
     def __getattr__(self, name: str) -> Any:
@@ -88,19 +88,25 @@ class MeasuringLatency:
         return p.low <= self.budget_ms <= p.high
 
     def _answer(self, key: tuple[str, ...], p: LatencyPrediction, measure: Any) -> float:
+        """One answer per candidate for the wrapper's life, measured or predicted: a candidate
+        priced under one budget keeps its price under another (AMC raises its budget to the
+        floor it priced; a floor predicted first and measured later could lie above it)."""
         if key in self._memo:
-            self._n["cached"] += 1
-            return self._memo[key]
+            ms, measured = self._memo[key]
+            self._n["cached" if measured else "predicted"] += 1
+            return ms
         if not self.uncertain(p) or self._n["measured"] >= self.max_measurements:
             self._n["predicted"] += 1
+            self._memo[key] = (p.ms, False)
             return p.ms
         ms, fresh = measure()
         if ms is None:
             self._n["failed"] += 1
             self._n["predicted"] += 1
+            self._memo[key] = (p.ms, False)
             return p.ms
         self._n["measured" if fresh else "cached"] += 1
-        self._memo[key] = ms
+        self._memo[key] = (ms, True)
         return ms
 
     # ------------------------------------------------------------------ LatencySource

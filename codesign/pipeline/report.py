@@ -162,9 +162,10 @@ def _markdown(cfg: PipelineConfig, s: dict[str, Any], figs: dict[str, Path], out
         noise = lat["fit"].get("noise_floor")
         if noise:
             lines += [
-                f"Noise floor of this host: one network measured repeatedly spreads by "
-                f"{noise * 100:.1f}%; held-out errors of that size are measurement noise as much "
-                "as model error ([latency] allow_noisy = false refuses such a model).",
+                f"Noise floor of this host: one network measured 7 times as the LUT's entries "
+                f"are (each a pool of passes apart in time) spreads by {noise * 100:.1f}% "
+                "(p90 - p10); held-out errors of that size are measurement noise as much as "
+                "model error ([latency] allow_noisy = false refuses such a model).",
                 "",
             ]
         if "scatter" in rel:

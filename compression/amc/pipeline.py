@@ -214,16 +214,18 @@ def prune_model(
         missing=job.missing,
         trials=job.trials,
     )
-    budget_ms = job.budget_ms
-    if job.raise_budget_to_floor:
-        floor_ms, _ = reachable_ms(net, data, lat, config)
-        budget_ms = max(budget_ms, floor_ms)
     from codesign.latency.measured import latency_counts, measuring
 
-    if job.measure_uncertain > 0:
+    budget_ms = job.budget_ms
+    if job.measure_uncertain > 0:  # the floor below is priced as every candidate will be
         lat = measuring(
             lat, budget_ms=budget_ms, max_measurements=job.measure_uncertain, protocol=job.protocol
         )
+    if job.raise_budget_to_floor:
+        floor_ms, _ = reachable_ms(net, data, lat, config)
+        budget_ms = max(budget_ms, floor_ms)
+        if job.measure_uncertain > 0:
+            lat = measuring(lat, budget_ms=budget_ms)
     env = AMCEnv(net, data, lat, budget_ms, config)
     latency_id = f"{lat.target_key}|{lat.mode}|{lat.digest}|{lat.form}|{job.missing}"
     secs = {"setup": time.time() - t0}

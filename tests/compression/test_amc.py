@@ -250,3 +250,33 @@ def test_output_directory_guards(setup, tmp_path) -> None:
             prune_model(job, CONFIG, TrainConfig(epochs=0), progress=False)
     assert (other / "model.json").read_text() == before
     assert sorted(p.name for p in other.iterdir()) == ["model.json", "weights.pt"]
+
+
+def test_a_budget_below_the_floor_is_raised_to_the_floor_as_priced_with_measurements(
+    setup, tmp_path
+) -> None:
+    """The pipeline's prune: a budget under the pruning floor is raised to the floor, priced as
+    every candidate is (uncertain ones measured through TVM), so measuring cannot put the floor
+    back above the budget."""
+    from codesign.compression.amc.pipeline import PruneJob, prune_model
+
+    job = PruneJob(
+        model=str(setup["model"]),
+        target="x86",
+        budget_ms=1e-6,
+        dataset="digits",
+        out=str(tmp_path / "p"),
+        db=str(setup["db"]),
+        latency_model=str(setup["latency"]),
+        missing="predict",
+        measure=False,
+        artifact=False,
+        protocol=MeasureProtocol.quick(),
+        raise_budget_to_floor=True,
+        measure_uncertain=2,
+    )
+    config = replace(CONFIG, episodes=2)
+    r = prune_model(job, config, TrainConfig(epochs=0), progress=False)
+    counts = r["latency_counts"]
+    assert r["budget_ms"] > job.budget_ms and r["predicted_ms"] <= r["budget_ms"] + 1e-9
+    assert counts is not None and counts["measured"] <= 2 and sum(counts.values()) > 0

@@ -171,3 +171,7 @@ def test_measuring_wrapper_measures_uncertain_candidates_near_the_budget(
     assert measuring(lat, budget_ms=None) is lat and latency_counts(model) is None
     lat.predict_many([fresh, far])
     assert lat.counts.cached == 2 and lat.counts.predicted == 2
+    # one answer per candidate: re-budgeted onto `far`, it keeps its predicted price (AMC
+    # raises its budget to a floor it priced; measuring that floor later could exceed it)
+    assert measuring(lat, budget_ms=model.predict(far)) is lat
+    assert lat.predict(far) == pytest.approx(model.predict(far)) and lat.counts.measured == 1
