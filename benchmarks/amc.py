@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,7 +30,6 @@ from common import machine, write_result  # noqa: E402
 from codesign.compression.amc.env import AMCConfig, AMCEnv  # noqa: E402
 from codesign.compression.amc.pipeline import (  # noqa: E402
     PruneJob,
-    compile_like_lut,
     finalize,
     fine_tune,
     open_latency_model,
@@ -37,6 +37,7 @@ from codesign.compression.amc.pipeline import (  # noqa: E402
 )
 from codesign.compression.ddpg import DDPGConfig  # noqa: E402
 from codesign.data import load_dataset  # noqa: E402
+from codesign.latency.networks import compile_like_lut  # noqa: E402
 from codesign.lut_build import build_lut  # noqa: E402
 from codesign.measurement import MeasureProtocol  # noqa: E402
 from codesign.model_dir import ModelDir, load_model, save_model  # noqa: E402
@@ -125,7 +126,8 @@ def main() -> int:
     finetune = TrainConfig(epochs=1 if quick else 8, lr=0.01, seed=args.seed)
     t_prep = time.time() - t0
 
-    rows, builds = [], {"base": compile_like_lut(net, target, lat=lat)}
+    like_lut = partial(compile_like_lut, target=target, db=lat.db, mode=lat.mode, trials=lat.trials)
+    rows, builds = [], {"base": like_lut(net)}
     for i, frac in enumerate(fractions):
         budget = frac * base_pred
         ta = time.time()
@@ -151,8 +153,8 @@ def main() -> int:
         uni_dir.mkdir(exist_ok=True)
         fine_tune(uni_net, data, finetune, uni_dir, uni_policy, progress=True)
         tu = time.time() - tu
-        builds[f"amc{i}"] = compile_like_lut(amc_net, target, lat=lat)
-        builds[f"uniform{i}"] = compile_like_lut(uni_net, target, lat=lat)
+        builds[f"amc{i}"] = like_lut(amc_net)
+        builds[f"uniform{i}"] = like_lut(uni_net)
         rows.append(
             {
                 "fraction": frac,

@@ -140,10 +140,6 @@ class Measurement:
             converged=converged,
         )
 
-    def pooled(self, other: Measurement) -> Measurement:
-        """`Measurement.pool([self, other])`."""
-        return Measurement.pool([self, other])
-
     @classmethod
     def pool(cls, runs: Sequence[Measurement]) -> Measurement:
         """One measurement of the quiet windows of all `runs` (`quiet_samples`): the same module

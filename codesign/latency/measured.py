@@ -145,28 +145,17 @@ class MeasuringLatency:
         return row.median_ms, rep.measured > 0
 
     def _measure_blocks(self, specs: Sequence[BlockSpec]) -> tuple[float | None, bool]:
-        from codesign.latency.networks import compile_network
+        from codesign.latency.networks import compile_like_lut
         from codesign.measurement import MeasureProtocol
         from codesign.modules import Network, init_weights
         from codesign.tvm_backend.runner import LocalRunner, run_steady
 
         m = self.model
         assert m.target is not None  # checked in __init__
-        database = None
-        if m.mode == "tuned" and m.db is not None:
-            from codesign.tvm_backend.database import open_tuning_database
-
-            database = open_tuning_database(m.db, m.target_key)
-        try:
-            net = Network(specs)
-            init_weights(net, self.seed)
-            built, _ = compile_network(
-                net, m.target, label="candidate", database=database,
-                trials=m.trials if database is not None else 0, seed=self.seed,
-            )  # fmt: skip
-        finally:
-            if database is not None:
-                database.close()
+        net = Network(specs)
+        init_weights(net, self.seed)
+        built = compile_like_lut(net, m.target, db=m.db, mode=m.mode, trials=m.trials,
+                                 label="candidate", seed=self.seed)  # fmt: skip
         runner = self.runner or LocalRunner(seed=self.seed)
         meas = run_steady(runner, built, self.protocol or MeasureProtocol())
         return (meas.median_ms if meas.ok else None), True

@@ -86,6 +86,35 @@ def compile_network(
     return compile_module(low, target, database, fused=fused), digest
 
 
+def compile_like_lut(
+    net: Network,
+    target: Target,
+    *,
+    db: str | Path | None,
+    mode: str,
+    trials: int = 0,
+    label: str = "network",
+    seed: int = 0,
+) -> Any:
+    """`net` compiled the way a LUT's networks are measured: the one recipe, and for a tuned
+    LUT (`mode`) the tuning records of its file `db` (tasks they lack tuned first with `trials`
+    each). Returns the Built module."""
+    database = None
+    if mode == "tuned" and db is not None:
+        from codesign.tvm_backend.database import open_tuning_database
+
+        database = open_tuning_database(db, target.key)
+    try:
+        built, _ = compile_network(
+            net, target, label=label, database=database,
+            trials=trials if database is not None else 0, seed=seed,
+        )  # fmt: skip
+    finally:
+        if database is not None:
+            database.close()
+    return built
+
+
 def measure_networks(
     space: str | SearchSpace,
     target: str | Target,

@@ -90,26 +90,6 @@ def open_latency_model(
 ARTIFACT = "model.tar"
 
 
-def compile_like_lut(net: Network, target: Target, *, lat: Any, label: str = "network") -> Any:
-    """Compile `net` the way the latency model's LUT was measured: the one recipe, and for a
-    tuned LUT its file's tuning records (tasks they lack tuned first with `lat.trials` each)."""
-    from codesign.latency.networks import compile_network
-
-    database = None
-    if lat.mode == "tuned" and lat.db is not None:
-        from codesign.tvm_backend.database import open_tuning_database
-
-        database = open_tuning_database(lat.db, target.key)
-    try:
-        built, _ = compile_network(
-            net, target, label=label, database=database, trials=lat.trials if database else 0
-        )
-    finally:
-        if database is not None:
-            database.close()
-    return built
-
-
 def ship(out: Path, target: Target, lat: Any, job: PruneJob, seed: int, progress: bool) -> Any:
     """Compile the saved model directory `out` into OUT/model.tar with `codesign compile`'s
     code (equality with PyTorch checked, accuracy and latency recorded in its manifest)."""
@@ -270,10 +250,13 @@ def prune_model(
             "Pass --no-measure (the artifact is still compiled and checked on a host build)."
         )
     if job.measure:
+        from codesign.latency.networks import compile_like_lut
         from codesign.tvm_backend.runner import LocalRunner, measure_in_passes
 
-        base_built = compile_like_lut(net, target, lat=lat, label="base")
-        pruned_built = compile_like_lut(pruned, target, lat=lat, label="pruned")
+        base_built, pruned_built = (
+            compile_like_lut(n, target, db=lat.db, mode=lat.mode, trials=lat.trials, label=name)
+            for n, name in ((net, "base"), (pruned, "pruned"))
+        )
         m_base, m_pruned = measure_in_passes(
             LocalRunner(seed=config.seed), [base_built, pruned_built], job.protocol
         )

@@ -203,26 +203,6 @@ def prepare(
     return Prepared(net, data, ranges, target, menu, Path(db), latency, cfg.trials, cfg.seed)
 
 
-def compile_float(prep: Prepared) -> Any:
-    """The float network compiled as the LUT's networks are (and as it would ship)."""
-    from codesign.latency.networks import compile_network
-
-    database = None
-    if prep.trials > 0:
-        from codesign.tvm_backend.database import open_tuning_database
-
-        database = open_tuning_database(prep.db, prep.target.key)
-    try:
-        built, _ = compile_network(
-            prep.net, prep.target, label="float", database=database, trials=prep.trials,
-            seed=prep.seed,
-        )  # fmt: skip
-    finally:
-        if database is not None:
-            database.close()
-    return built
-
-
 def evaluate_policy(
     prep: Prepared,
     policy: QuantPolicy,
@@ -247,25 +227,28 @@ def evaluate_policy(
         qnet, policy, prep.menu, prep.target, prep.db, trials=prep.trials, seed=prep.seed
     )
     acc_tvm, n = compiled_accuracy(built, prep.data, val_images)
-    timed: dict[str, float] = {}
+    timed: dict[str, float]  # ms, and float_ms with against_float
     if against_float:
+        from codesign.latency.networks import compile_like_lut
         from codesign.tvm_backend.runner import LocalRunner, measure_in_passes
 
-        pair = measure_in_passes(
-            LocalRunner(seed=prep.seed), [built, compile_float(prep)], protocol
-        )
+        mode = "tuned" if prep.trials > 0 else "untuned"  # as the precision LUT (lut_latency)
+        fp32 = compile_like_lut(prep.net, prep.target, db=prep.db, mode=mode,
+                                trials=prep.trials, label="float", seed=prep.seed)  # fmt: skip
+        pair = measure_in_passes(LocalRunner(seed=prep.seed), [built, fp32], protocol)
         for m in pair:
             if not m.ok:
                 raise CodesignError(f"measuring {built.label} against float failed: {m.error}")
         timed = {"ms": pair[0].median_ms, "float_ms": pair[1].median_ms}
+    else:
+        timed = {"ms": measure_built(built, protocol)}
     return {
         "policy": policy.encode(),
         "precisions": {p: policy.precisions.count(p) for p in set(policy.precisions)},
         "acc_fakequant": evaluate(qnet, prep.data, limit=val_images),
         "acc": acc_tvm,
         "val_images": int(n),
-        "ms": timed["ms"] if timed else measure_built(built, protocol),
-        **({"float_ms": timed["float_ms"]} if timed else {}),
+        **timed,
         "lut_ms": prep.latency(policy.apply(prep.net.specs)),
         "size_mb": policy.size_mb(prep.net.specs),
         "qnet": qnet,

@@ -75,15 +75,16 @@ def test_quiet_samples_are_the_hosts_fast_state() -> None:
 def test_pooled_measurements_and_the_later_passes() -> None:
     slow = Measurement.from_samples([1.4e-3, 1.41e-3, 1.39e-3, 1.4e-3])
     fast = Measurement.from_samples([1.0e-3, 1.01e-3, 0.99e-3, 1.0e-3])
-    assert slow.pooled(fast).median_ms == pytest.approx(1.0, rel=0.01)
-    assert fast.pooled(slow) == slow.pooled(fast)
+    pool = Measurement.pool
+    assert pool([slow, fast]).median_ms == pytest.approx(1.0, rel=0.01)
+    assert pool([fast, slow]) == pool([slow, fast])
     loaded = Measurement.from_samples([0.5e-3] * 4, converged=False)
-    assert slow.pooled(loaded) == slow  # a side that never had a quiet CPU does not count
-    both = loaded.pooled(loaded)
+    assert pool([slow, loaded]) == slow  # a side that never had a quiet CPU does not count
+    both = pool([loaded, loaded])
     assert not both.converged and both.repeats == 8
-    assert slow.pooled(Measurement.failed("lost")) == slow
-    assert Measurement.pool([slow, slow, fast]).median_ms == pytest.approx(1.0, rel=0.01)
-    assert not Measurement.pool([Measurement.failed("a"), Measurement.failed("b")]).ok
+    assert pool([slow, Measurement.failed("lost")]) == slow
+    assert pool([slow, slow, fast]).median_ms == pytest.approx(1.0, rel=0.01)
+    assert not pool([Measurement.failed("a"), Measurement.failed("b")]).ok
 
     class Script(LocalRunner):
         def __init__(self) -> None:
