@@ -61,6 +61,10 @@ class BuildReport:
     # blocks whose every try shared the CPU with other work (Measurement.converged False): their
     # medians are stored but may be inflated; rebuild on a quieter machine to trust them
     unconverged: list[str] = field(default_factory=list)
+    # passes the blocks were measured in, and the share of runs in slow phases of the host that
+    # set them (codesign.tvm_backend.runner.LaterPasses); None: nothing measured again
+    passes: int | None = None
+    slow_share: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -276,6 +280,7 @@ def build_lut(
         if later:
             with _progress(len(later), "measure again", progress) as bar:
                 later.run(bar.update)
+            report.passes, report.slow_share = later.passes, later.slow_share
         report.seconds["measure"] = time.time() - t0
         if noise_floor and farm is None and space is not None:
             assert runner is not None  # without a farm: the given or a local runner

@@ -36,6 +36,10 @@ class NetworkReport:
     failed: list[str] = field(default_factory=list)
     tuned_tasks: int = 0
     seconds: float = 0.0
+    # passes the batch was measured in, and the share of its runs in slow phases of the host
+    # that set them (codesign.tvm_backend.runner.LaterPasses); None: nothing measured again
+    passes: int | None = None
+    slow_share: float | None = None
 
 
 def prepare_network(
@@ -193,6 +197,7 @@ def measure_networks(
             else:
                 report.failed.append(f"{key}: {m.error}")
         later.run()
+        report.passes, report.slow_share = later.passes, later.slow_share
     finally:
         table.close()
         report.seconds = time.time() - t0

@@ -41,6 +41,23 @@ def measured_faster(after_ms: float | None, before_ms: float | None, gain: float
     return before_ms is None or after_ms is None or after_ms < before_ms * (1.0 - gain)
 
 
+def held_back(
+    after_ms: float | None,
+    before_ms: float | None,
+    gain: float,
+    after_acc: float | None,
+    before_acc: float | None,
+    max_drop: float,
+) -> str | None:
+    """Why a step's network does not ship ("speed", "accuracy"), or None: it ships. Accuracies
+    in %, of the pair on the same images; `max_drop` in points."""
+    if not measured_faster(after_ms, before_ms, gain):
+        return "speed"
+    if after_acc is not None and before_acc is not None and before_acc - after_acc > max_drop:
+        return "accuracy"
+    return None
+
+
 def prune(
     cfg: PipelineConfig,
     model_dir: Path,
@@ -107,11 +124,14 @@ def _amc(
     # Only what measures faster ships: widths the latency model priced between measured ones
     # can land off the vector width and run slower than the wider network.
     before, after, gain = r.get("base_measured_ms"), r.get("measured_ms"), min_gain(db)
-    faster = measured_faster(after, before, gain)
+    drop = cfg.compress.max_acc_drop
+    why = held_back(after, before, gain, r["acc"], r["base_acc"], drop)  # the same val split
     return {
         "method": "amc",
-        "model_dir": str(work if faster else model_dir),
-        "shipped": "pruned" if faster else "searched",
+        "model_dir": str(model_dir if why else work),
+        "shipped": "searched" if why else "pruned",
+        "held_back_for": why,
+        "max_acc_drop": drop,
         "min_gain": gain,
         "policy": r["policy"],
         "budget_ms": r["budget_ms"],
@@ -185,11 +205,16 @@ def quantize(
     # the float network measured in passes alternating with the quantized one (not the prune
     # step's measurement, minutes earlier: the host's phases would decide)
     before = {**before, "measured_ms": res.get("float_ms", before["measured_ms"])}
-    faster = measured_faster(res["ms"], before["measured_ms"], gain)
+    drop = c.max_acc_drop
+    # accuracy against the float network compiled and scored on the same images
+    why = held_back(res["ms"], before["measured_ms"], gain, res["acc"], res.get("float_acc"), drop)
     return {
         "method": "haq",
-        "model_dir": str(dest if faster else model_dir),
-        "shipped": "quantized" if faster else "float",
+        "model_dir": str(model_dir if why else dest),
+        "shipped": "float" if why else "quantized",
+        "held_back_for": why,
+        "max_acc_drop": drop,
+        "float_acc_same_images": res.get("float_acc"),
         "min_gain": gain,
         "float_model_dir": str(model_dir),
         "policy": policy.encode(),

@@ -81,7 +81,8 @@ COMPRESS_METHODS = ("amc", "haq")  # in the order they run: prune, then quantize
 class CompressConfig:
     """`methods` run in order on the searched network: amc (channel pruning), then haq (mixed
     precision); [] ships the searched network. The amc keys are `episodes`, `finetune_epochs`,
-    `budget_fraction`; the haq keys start with `haq_`."""
+    `budget_fraction`; the haq keys start with `haq_`; `max_acc_drop` (points) holds back
+    either step's network where it lost more accuracy than that against its input."""
 
     methods: tuple[str, ...] = COMPRESS_METHODS
     episodes: int = 30  # AMC
@@ -91,6 +92,8 @@ class CompressConfig:
     haq_budget_fraction: float = 0.8  # of the pruned network's LUT latency (raised to the floor)
     haq_qat_images: int = 256  # fine-tuning images per episode (and x4 for the final policy)
     haq_val_images: int = 300  # validation images for the reward and the compiled accuracy
+    max_acc_drop: float = 1.0  # points a step may lose against the network before it, or it
+    # does not ship (each pair scored on the same images)
 
     def amc_keys(self) -> dict[str, Any]:
         """The keys the prune stage reads (its cache identity)."""
@@ -99,11 +102,12 @@ class CompressConfig:
             "episodes": self.episodes,
             "finetune_epochs": self.finetune_epochs,
             "budget_fraction": self.budget_fraction,
+            "max_acc_drop": self.max_acc_drop,
         }
 
     def haq_keys(self) -> dict[str, Any]:
         """The keys the quantize stage reads (its cache identity)."""
-        return {"on": "haq" in self.methods} | {
+        return {"on": "haq" in self.methods, "max_acc_drop": self.max_acc_drop} | {
             f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith("haq_")
         }
 

@@ -168,6 +168,15 @@ def _markdown(cfg: PipelineConfig, s: dict[str, Any], figs: dict[str, Path], out
                 "model error ([latency] allow_noisy = false refuses such a model).",
                 "",
             ]
+        nets = lat.get("networks", {})
+        if nets.get("passes"):
+            lines += [
+                f"The networks were measured in {nets['passes']} passes over the batch: "
+                f"{(nets.get('slow_share') or 0) * 100:.0f}% of the runs fell in slow phases of "
+                "the host (1.3-1.7x), and a noisier host gets more passes, so that all runs of "
+                "a network fall in slow ones with a chance of 2% at most.",
+                "",
+            ]
         if "scatter" in rel:
             lines += [f"![latency model]({rel['scatter']})", ""]
     else:
@@ -281,7 +290,17 @@ def _compression_lines(s: dict[str, Any], rel: dict[str, Path]) -> list[str]:
             + ("the latency model's prediction)" if step == "prune" else "the LUT sum)")
         )
         kept = {"float": ("quantized", "float"), "searched": ("pruned", "searched")}
-        if out.get("shipped") in kept:
+        if out.get("held_back_for") == "accuracy":
+            new, old = kept[out["shipped"]]
+            b_acc = out.get("float_acc_same_images") or out["before"]["acc"]
+            lines.append(
+                f"  The {new} network measured faster ({_f(out['after']['measured_ms'])} against "
+                f"{_f(out['before']['measured_ms'])} ms) but lost "
+                f"{b_acc - out['after']['acc']:.1f} points ({_f(b_acc)} -> "
+                f"{_f(out['after']['acc'])}% on the same images), more than [compress] "
+                f"max_acc_drop = {out['max_acc_drop']:g}: the {old} network ships."
+            )
+        elif out.get("shipped") in kept:
             new, old = kept[out["shipped"]]
             gain = out.get("min_gain")
             by = (

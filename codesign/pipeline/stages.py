@@ -150,7 +150,13 @@ def stage_latency(
         "model": str(path),
         "digest": file_digest(path),
         "fitted": True,
-        "networks": {"measured": nets.measured, "reused": nets.reused, "failed": nets.failed},
+        "networks": {
+            "measured": nets.measured,
+            "reused": nets.reused,
+            "failed": nets.failed,
+            "passes": nets.passes,
+            "slow_share": nets.slow_share,
+        },  # fmt: skip
         "fit": rep.to_dict(),
         "held_out": {k: metrics(v, meas) for k, v in preds.items()},
         "scatter": str(png),

@@ -74,7 +74,8 @@ class OwnQuantResult:
     accuracy_fakequant: float  # of the fine-tuned PyTorch twin, same images
     float_accuracy: float  # of the float network, same images
     latency_ms: float  # measured, compiled quantised module
-    float_ms: float  # measured, compiled float network (same lowering, all fp32)
+    float_ms: float  # measured, compiled float network (same lowering, all fp32), in
+    # alternating passes with the quantised module (a ship decision compares like with like)
     lut_ms: float  # the LUT's layer sum of the policy
     budget_ms: float  # the budget the search used (whole network)
     max_abs_error: float  # compiled vs fake-quant twin, over `check_images` inputs
@@ -264,7 +265,7 @@ def quantize_own(
 
     from codesign.compression.haq.env import HAQConfig
     from codesign.compression.haq.ownenv import GraphHAQEnv
-    from codesign.compression.haq.pipeline import compiled_accuracy, measure_built
+    from codesign.compression.haq.pipeline import compiled_accuracy
     from codesign.compression.haq.search import haq_search
     from codesign.compression.quant.graph import (
         calibrate_graph,
@@ -277,6 +278,7 @@ def quantize_own(
     from codesign.targets import parse_target
     from codesign.train import evaluate
     from codesign.tvm_backend.precision import precision_menu
+    from codesign.tvm_backend.runner import Where, measure_in_passes
 
     s = settings or OwnHAQSettings()
     if budget_ms is not None and not budget_ms > 0:
@@ -329,14 +331,19 @@ def quantize_own(
     xs = data.calibration(s.check_images, seed + 1).numpy()
     errs = [max_abs_error(built, qnet, xs[i : i + 1]) for i in range(len(xs))]
     acc, _n = compiled_accuracy(built, data, s.val_images)
+    fbuilt = _compile(fnet, graph, ["fp32"] * len(graph.layers), menu, target)
+    pair = measure_in_passes(Where.local().runner(seed=seed), [built, fbuilt], s.protocol)
+    for m, what in zip(pair, ("quantized", "float"), strict=True):
+        if not m.ok:
+            raise CodesignError(f"measuring the {what} network failed: {m.error}")
     return OwnQuantResult(
         layers=graph.layers,
         policy=policy,
         accuracy=acc,
         accuracy_fakequant=evaluate(qnet, data, limit=s.val_images),
         float_accuracy=env.float_accuracy,
-        latency_ms=measure_built(built, s.protocol, seed),
-        float_ms=float_ms,
+        latency_ms=pair[0].median_ms,
+        float_ms=pair[1].median_ms,
         lut_ms=env.cost(policy),
         budget_ms=float(budget_ms),
         max_abs_error=max(e for e, _ in errs),

@@ -213,8 +213,9 @@ def evaluate_policy(
     against_float: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune the fake-quant network at `policy`, compile it, measure accuracy and latency.
-    With `against_float`, the float network is compiled too and the two are measured in
-    alternating passes (`float_ms`): a ship decision then compares like with like."""
+    With `against_float`, the float network is compiled too, measured in alternating passes
+    with it (`float_ms`) and scored on the same images (`float_acc`): a ship decision then
+    compares like with like."""
     from codesign.compression.quant.fakequant import quantize_network
     from codesign.compression.quant.qat import finetune
     from codesign.train import evaluate
@@ -240,6 +241,7 @@ def evaluate_policy(
             if not m.ok:
                 raise CodesignError(f"measuring {built.label} against float failed: {m.error}")
         timed = {"ms": pair[0].median_ms, "float_ms": pair[1].median_ms}
+        timed["float_acc"] = compiled_accuracy(fp32, prep.data, val_images)[0]  # same images
     else:
         timed = {"ms": measure_built(built, protocol)}
     return {

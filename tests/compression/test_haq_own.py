@@ -174,7 +174,9 @@ def test_quantize_own_builds_a_real_mixed_precision_module_and_reuses_the_lut(
     assert again.lut == {"measured": 0, "reused": n_entries}
     assert again.search["resumed_from"] == 3
     assert again.policy == res.policy
-    assert again.budget_ms == res.budget_ms and again.float_ms == res.float_ms
+    assert again.budget_ms == res.budget_ms
+    # measured again beside the quantized module, in alternating passes
+    assert again.float_ms > 0 and again.latency_ms > 0
     # a budget below the fastest reachable policy is refused before any search
     with pytest.raises(BudgetError, match="Raise the budget"):
         quantize_own(small_net(), budget_ms=1e-4, seed=0, progress=False, **kw)

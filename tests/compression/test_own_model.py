@@ -227,20 +227,15 @@ def test_a_policy_measured_over_its_budget_is_brought_back_within_it() -> None:
 
 
 def test_the_quantized_network_ships_only_when_faster_and_accurate_enough(x86) -> None:
-    from types import SimpleNamespace
-
     from codesign.compression.compress import _why_not_ship
     from codesign.targets import parse_target
 
-    pruned = SimpleNamespace(pruned_acc=90.0, pruned_ms=1.0)
-    assert _why_not_ship({"accuracy": 89.6, "latency_ms": 0.9}, pruned, 0.5, x86) is None
-    assert "lost more than 0.5 pt" in _why_not_ship(
-        {"accuracy": 89.4, "latency_ms": 0.5}, pruned, 0.5, x86
-    )
-    assert "not faster by 2%" in _why_not_ship(
-        {"accuracy": 90.0, "latency_ms": 0.99}, pruned, 0.5, x86
-    )
-    assert "local CPU" in _why_not_ship(
-        {"accuracy": 90.0, "latency_ms": 0.5}, pruned, 0.5, parse_target("cuda")
-    )
-    assert _why_not_ship(None, pruned, 0.5, x86) == ""  # no HAQ step: the pruned one ships
+    # against the float network as HAQ compiles it: same images, alternating passes
+    def q(acc: float, ms: float) -> dict[str, float]:
+        return {"accuracy": acc, "latency_ms": ms, "float_accuracy": 90.0, "float_ms": 1.0}
+
+    assert _why_not_ship(q(89.6, 0.9), 0.5, x86) is None
+    assert "lost more than 0.5 pt" in _why_not_ship(q(89.4, 0.5), 0.5, x86)
+    assert "not faster by 2%" in _why_not_ship(q(90.0, 0.99), 0.5, x86)
+    assert "local CPU" in _why_not_ship(q(90.0, 0.5), 0.5, parse_target("cuda"))
+    assert _why_not_ship(None, 0.5, x86) == ""  # no HAQ step: the pruned one ships

@@ -84,7 +84,13 @@ def test_compress_methods_chain_by_default_and_the_old_key_still_reads(tmp_path:
 
 def test_shipping_margin_follows_the_noise_floor_within_bounds(tmp_path: Path) -> None:
     from codesign.lut import LatencyTable
-    from codesign.pipeline.compress import MAX_GAIN, MIN_GAIN, measured_faster, min_gain
+    from codesign.pipeline.compress import (
+        MAX_GAIN,
+        MIN_GAIN,
+        held_back,
+        measured_faster,
+        min_gain,
+    )
 
     db = tmp_path / "lut.sqlite"
     for floor, want in ((None, MIN_GAIN), (0.005, MIN_GAIN), (0.041, 0.041), (0.475, MAX_GAIN)):
@@ -94,6 +100,11 @@ def test_shipping_margin_follows_the_noise_floor_within_bounds(tmp_path: Path) -
         assert min_gain(db) == pytest.approx(want)
     assert measured_faster(0.85, 1.0, MAX_GAIN) and not measured_faster(0.95, 1.0, MAX_GAIN)
     assert measured_faster(None, 1.0, MAX_GAIN)  # unmeasured: nothing to refuse on
+    # faster, and within max_acc_drop points of its input on the same images: it ships
+    assert held_back(0.85, 1.0, 0.02, 96.0, 96.9, 1.0) is None
+    assert held_back(0.85, 1.0, 0.02, 95.8, 96.9, 1.0) == "accuracy"
+    assert held_back(0.99, 1.0, 0.02, 99.0, 96.9, 1.0) == "speed"
+    assert held_back(0.85, 1.0, 0.02, None, 96.9, 1.0) is None  # no accuracy: speed decides
 
 
 def test_missing_or_broken_config_file(tmp_path: Path) -> None:
@@ -254,7 +265,10 @@ def test_pipeline_end_to_end_interrupted_and_resumed(tmp_path: Path) -> None:
     # than the noise floor (at least 2%)
     assert c["min_gain"] >= 0.02
     faster = c["after"]["measured_ms"] < c["before"]["measured_ms"] * (1 - c["min_gain"])
+    # ... and lost at most [compress] max_acc_drop points on the same validation split
+    faster = faster and c["before"]["acc"] - c["after"]["acc"] <= c["max_acc_drop"]
     assert c["shipped"] == ("pruned" if faster else "searched")
+    assert (c["held_back_for"] is None) == faster
     pruning = shipped["policies"]["pruning"]
     assert (pruning["policy"] if pruning else None) == (c["policy"] if faster else None)
     assert pruned.report_html.read_text().count("data:image/png;base64,") >= 4  # + policy
@@ -317,6 +331,8 @@ def test_chained_pipeline_interrupted_after_prune_resumes_at_quantize(tmp_path: 
     # than the noise floor, at least 2%)
     assert q["min_gain"] >= 0.02
     faster = q["after"]["measured_ms"] < q["before"]["measured_ms"] * (1 - q["min_gain"])
+    # ... and lost at most max_acc_drop points against the float network on the same images
+    faster = faster and q["float_acc_same_images"] - q["after"]["acc"] <= q["max_acc_drop"]
     assert q["shipped"] == ("quantized" if faster else "float")
     assert (shipped["quantization"] is not None) == faster
     assert [st["step"] for st in s["compress"]["steps"]] == [

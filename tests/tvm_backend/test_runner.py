@@ -4,9 +4,11 @@ loaded machine, the noise floor recorded with a LUT."""
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import time
+from functools import partial
 
 import pytest
 
@@ -96,8 +98,8 @@ def test_pooled_measurements_and_the_later_passes() -> None:
 
     runner, stored = Script(), {}
     later = LaterPasses(runner, MeasureProtocol(repeat=3, min_repeat_ms=5, passes=3), keep=2)
-    for name in "abc":
-        later.add(name, slow, lambda m, name=name: stored.__setitem__(name, m))
+    for name in "abc":  # (a quiet host: no run slow, the protocol's passes only)
+        later.add(name, fast, lambda m, name=name: stored.__setitem__(name, m))
     # bounded: `keep` modules waiting get their passes, interleaved (a chunk of the batch)
     assert runner.calls == ["a", "b", "a", "b"] and len(later) == 2
     later.add("failed", Measurement.failed("x"), stored.__setitem__)  # nothing to pool
@@ -112,6 +114,66 @@ def test_pooled_measurements_and_the_later_passes() -> None:
     one.add("d", slow, stored.__setitem__)
     one.run()
     assert len(one) == 0 and runner.calls[-1] == "y"  # one pass: measured once, nothing more
+
+
+def test_a_batch_whose_runs_often_fall_in_slow_phases_gets_more_passes() -> None:
+    from codesign.tvm_backend.runner.timing import MISS, passes_for, slow_share
+
+    assert passes_for(0.0, 3) == 3 and passes_for(0.2, 3) == 3  # 0.2 ** 3 < 2%
+    assert passes_for(1 / 3, 3) == 4 and passes_for(0.6, 3) == 8 and passes_for(0.9, 3) == 9
+    assert 0.6 ** passes_for(0.6, 3) <= MISS < 0.6 ** (passes_for(0.6, 3) - 1)
+    fast = Measurement.from_samples([1.0e-3] * 4)
+    slow = Measurement.from_samples([1.45e-3] * 4)
+    # modules of 3 runs with 1 and 2 slow ones: the chance is n2 / (n1 + n2) (all-slow and
+    # all-fast modules look alike and say nothing)
+    batch = [[fast, slow, slow], [fast, fast, slow], [slow, fast, slow], [fast] * 3, [slow] * 3]
+    assert slow_share(batch) == pytest.approx(2 / 3, abs=0.01)
+    assert slow_share([[fast] * 3, [slow] * 3]) == 0.0
+
+    class Host(LocalRunner):
+        """A noisy hour: 60% of the runs slow (seeded)."""
+
+        def __init__(self) -> None:
+            self.n, self.rng = 0, random.Random(0)
+
+        def run(self, built, protocol) -> Measurement:  # noqa: ANN001
+            self.n += 1
+            return slow if self.rng.random() < 0.6 else fast
+
+    host, first = Host(), random.Random(1)
+    later, stored = LaterPasses(host, MeasureProtocol(passes=3)), {}
+    for i in range(40):
+        later.add(i, slow if first.random() < 0.6 else fast, partial(stored.__setitem__, i))
+    later.run()
+    assert 0.45 <= later.slow_share <= 0.75
+    assert later.passes == passes_for(later.slow_share, 3) >= 6
+    assert host.n == 40 * (later.passes - 1)  # the first runs were the caller's
+    # 3 passes would have left every run of some modules slow; these many, of none (seeded)
+    assert all(m.median_ms == pytest.approx(1.0) for m in stored.values())
+
+
+def test_modules_never_seen_quiet_get_extra_passes_bounded() -> None:
+    quiet = Measurement.from_samples([1.0e-3] * 4)
+    marked = Measurement.from_samples([1.4e-3] * 4, converged=False)  # a slow phase around it
+
+    class Script(LocalRunner):
+        def __init__(self, answers: dict[str, list[Measurement]]) -> None:
+            self.answers, self.calls = answers, []
+
+        def run(self, built, protocol) -> Measurement:  # noqa: ANN001
+            self.calls.append(built)
+            return self.answers[built].pop(0) if self.answers[built] else marked
+
+    # "a": quiet in its third extra run; "b": never quiet, at most `passes` extra runs
+    runner = Script({"a": [marked, marked, marked, quiet], "b": [], "c": [quiet, quiet]})
+    later, stored = LaterPasses(runner, MeasureProtocol(passes=3)), {}
+    for name in "abc":
+        later.add(name, marked, lambda m, name=name: stored.__setitem__(name, m))
+    later.run()
+    assert runner.calls.count("c") == 2  # one of its runs was quiet: its passes only
+    assert runner.calls.count("a") == 4 and stored["a"].converged
+    assert stored["a"].median_ms == pytest.approx(1.0)
+    assert runner.calls.count("b") == 2 + 3 and not stored["b"].converged
 
 
 def test_protocols_stored_before_passes_read_as_two_passes() -> None:

@@ -28,6 +28,7 @@ The protocol converges on a noisy shared host (docs: benchmarks/measure_stabilit
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -174,6 +175,42 @@ def measure_in_passes(
     return [Measurement.pool(mine) for mine in runs]
 
 
+SLOW_RUN = 1.2  # a run this much slower than its module's best: a slow phase of the host
+MISS = 0.02  # the chance that all runs of a module fall in slow phases, at most (if passes last)
+MOST_PASSES = 3  # x protocol.passes: the most a batch is measured in
+
+
+def slow_share(runs_of: Sequence[Sequence[Measurement]]) -> float:
+    """The chance that a run falls in a slow phase of the host, from a batch's runs: a run is
+    slow when SLOW_RUN x its module's best run. A module whose runs all fell in slow phases
+    looks like one whose runs were all fast, so the chance is fitted (maximum likelihood) to
+    the modules that saw both: their count of slow runs among k is binomial, truncated at 0
+    and k. No such module: 0 (a quiet host, or one slow throughout, which is steady too)."""
+    counts = []
+    for runs in runs_of:
+        ms = [m.median_ms for m in runs if m.ok]
+        j = sum(x > SLOW_RUN * min(ms) for x in ms) if ms else 0
+        if 0 < j < len(ms):
+            counts.append((j, len(ms)))
+    if not counts:
+        return 0.0
+    grid = np.linspace(0.01, 0.99, 99)
+    j, k = (np.array(v, float)[:, None] for v in zip(*counts, strict=True))
+    ll = j * np.log(grid) + (k - j) * np.log1p(-grid) - np.log1p(-(grid**k) - (1 - grid) ** k)
+    return float(grid[int(np.argmax(ll.sum(axis=0)))])
+
+
+def passes_for(share: float, passes: int) -> int:
+    """Passes for a batch whose runs fell in slow phases this often: enough that all runs of a
+    module do with a chance of at most MISS (share ** k), from `passes` to MOST_PASSES x that."""
+    most = MOST_PASSES * passes
+    if share <= 0.0:
+        return passes
+    if share >= 1.0:
+        return most
+    return min(most, max(passes, math.ceil(math.log(MISS) / math.log(share))))
+
+
 class LaterPasses:
     """Modules measured once, measured `protocol.passes - 1` times more in passes over all of
     them, their windows pooled (`Measurement.pool`): a slow phase of the host lasts seconds
@@ -181,17 +218,29 @@ class LaterPasses:
     than a pass over a batch, so the runs of a module rarely all fall in one. Bounded: at most
     `keep` compiled modules wait; then their passes run, over those `keep` (a larger batch is
     measured in chunks; finishing the oldest module alone instead gave it three back-to-back
-    runs: the first 22 of 70 networks scattered twice as much as the others). Each run stores
-    the pool so far, so an interrupted pass loses nothing measured."""
+    runs: the first 22 of 70 networks scattered twice as much as the others).
+
+    How many passes is the batch's own say: after `protocol.passes`, the share of its runs that
+    fell in slow phases (`slow_share`) sets the count at which a module's runs all fall in them
+    with a chance of 2% at most (`passes_for`, at most 3x the protocol's). A run is fast
+    (1.0-1.1x its module's best) or slow (1.3-1.7x); a third of the runs were slow in a quiet
+    hour of the EMR guest, where pools of 2 passes already agreed within 3.7%, and 60% in a
+    noisy one, where pools of 3 disagreed by 23.7% and pools of 6 agreed within 3.7%
+    (benchmarks/measure_stability.py --passes 6). A module none of whose runs got a quiet CPU
+    (`converged=False`: another process held it) is measured in up to `protocol.passes` extra
+    passes, until one does. Each run stores the pool so far, so an interrupted pass loses
+    nothing measured."""
 
     def __init__(self, runner: Runner, protocol: MeasureProtocol, *, keep: int = 48) -> None:
         self.runner, self.protocol, self.keep = runner, protocol, keep
         self.more = protocol.passes - 1
+        self.passes = protocol.passes  # of the last chunk, once its slow share is known
+        self.slow_share: float | None = None  # of the last chunk's runs
         self._pending: list[tuple[Any, list[Measurement], Callable[[Measurement], None]]] = []
 
     def __len__(self) -> int:
-        """Runs still to do."""
-        return sum(self.more + 1 - len(runs) for _, runs, _ in self._pending)
+        """Runs still to do (as far as known: a noisy batch adds passes)."""
+        return sum(max(0, self.passes - len(runs)) for _, runs, _ in self._pending)
 
     def add(self, built: Any, first: Measurement, store: Callable[[Measurement], None]) -> None:
         """Measure `built` again in the later passes; `store` gets each pool."""
@@ -205,13 +254,23 @@ class LaterPasses:
         `on_done` after each run."""
         from codesign import interrupt
 
+        self.passes, decided = self.protocol.passes, False
         while self._pending:
             for item in list(self._pending):
                 interrupt.check()
                 self._again(item)
                 if on_done is not None:
                     on_done()
-            self._pending = [it for it in self._pending if len(it[1]) <= self.more]
+            if not decided and all(len(r) >= self.protocol.passes for _, r, _ in self._pending):
+                self.slow_share = slow_share([r for _, r, _ in self._pending])
+                self.passes, decided = passes_for(self.slow_share, self.protocol.passes), True
+            self._pending = [it for it in self._pending if not self._done(it[1])]
+
+    def _done(self, runs: list[Measurement]) -> bool:
+        if len(runs) < self.passes:
+            return False
+        extra = len(runs) - self.passes
+        return extra >= self.protocol.passes or any(m.ok and m.converged for m in runs)
 
     def _again(self, item: tuple[Any, list[Measurement], Callable[[Measurement], None]]) -> None:
         built, runs, store = item
