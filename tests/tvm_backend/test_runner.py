@@ -86,6 +86,10 @@ def test_pooled_measurements_and_the_later_passes() -> None:
     assert not both.converged and both.repeats == 8
     assert pool([slow, Measurement.failed("lost")]) == slow
     assert pool([slow, slow, fast]).median_ms == pytest.approx(1.0, rel=0.01)
+    # one fast run of 7, with fewer windows than the slow ones (under a tenth of them): still
+    # the fast state
+    many = Measurement.from_samples([1.4e-3, 1.41e-3, 1.39e-3] * 10)
+    assert pool([many] * 6 + [fast]).median_ms == pytest.approx(1.0, rel=0.01)
     assert not pool([Measurement.failed("a"), Measurement.failed("b")]).ok
 
     class Script(LocalRunner):
