@@ -43,7 +43,7 @@ class MeasureProtocol:
 
     `passes`: a batch of modules (a LUT's blocks, a set of networks) is measured this many
     times, in passes over the whole batch (more where the batch's runs show a noisy host,
-    up to 3x: `LaterPasses`), and each module's quiet windows are pooled
+    up to 2x: `LaterPasses`), and each module's quiet windows are pooled
     (`Measurement.pool`): the host's slow phases last seconds to minutes, so runs of one module
     spread over the batch's time rarely all fall in one (each run also gets a fresh VM and
     fresh buffers: one VM instance can run 1.3x slower than the next for its whole life).

@@ -174,7 +174,7 @@ def _markdown(cfg: PipelineConfig, s: dict[str, Any], figs: dict[str, Path], out
                 f"The networks were measured in {nets['passes']} passes over the batch: "
                 f"{(nets.get('slow_share') or 0) * 100:.0f}% of the runs fell in slow phases of "
                 "the host (1.3-1.7x), and a noisier host gets more passes, so that all runs of "
-                "a network fall in slow ones with a chance of 2% at most.",
+                "a network fall in slow ones with a chance of 5% at most.",
                 "",
             ]
         if "scatter" in rel:

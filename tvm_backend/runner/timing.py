@@ -176,8 +176,8 @@ def measure_in_passes(
 
 
 SLOW_RUN = 1.2  # a run this much slower than its module's best: a slow phase of the host
-MISS = 0.02  # the chance that all runs of a module fall in slow phases, at most (if passes last)
-MOST_PASSES = 3  # x protocol.passes: the most a batch is measured in
+MISS = 0.05  # the chance that all runs of a module fall in slow phases, at most (if passes last)
+MOST_PASSES = 2  # x protocol.passes: the most a batch is measured in
 
 
 def slow_share(runs_of: Sequence[Sequence[Measurement]]) -> float:
@@ -222,7 +222,8 @@ class LaterPasses:
 
     How many passes is the batch's own say: after `protocol.passes`, the share of its runs that
     fell in slow phases (`slow_share`) sets the count at which a module's runs all fall in them
-    with a chance of 2% at most (`passes_for`, at most 3x the protocol's). A run is fast
+    with a chance of 5% at most (`passes_for`, at most 2x the protocol's: in a noisy hour 2%
+    and 3x took the main job to 16 minutes). A run is fast
     (1.0-1.1x its module's best) or slow (1.3-1.7x); a third of the runs were slow in a quiet
     hour of the EMR guest, where pools of 2 passes already agreed within 3.7%, and 60% in a
     noisy one, where pools of 3 disagreed by 23.7% and pools of 6 agreed within 3.7%
