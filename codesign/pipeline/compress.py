@@ -6,7 +6,9 @@
   x its LUT latency in float, raised to the cheapest policy the target's menu can reach; the
   quantised network is saved as a model directory that `compile_artifact` ships.
 
-Each returns the accuracy and measured latency before and after its step."""
+Each returns the accuracy and measured latency before and after its step; a step's network
+ships only where it measured faster than its input and lost at most `[compress] max_acc_drop`
+points against it on the same images (`held_back`)."""
 
 from __future__ import annotations
 

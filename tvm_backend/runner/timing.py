@@ -223,14 +223,13 @@ class LaterPasses:
     How many passes is the batch's own say: after `protocol.passes`, the share of its runs that
     fell in slow phases (`slow_share`) sets the count at which a module's runs all fall in them
     with a chance of 5% at most (`passes_for`, at most 2x the protocol's: in a noisy hour 2%
-    and 3x took the main job to 16 minutes). A run is fast
-    (1.0-1.1x its module's best) or slow (1.3-1.7x); a third of the runs were slow in a quiet
-    hour of the EMR guest, where pools of 2 passes already agreed within 3.7%, and 60% in a
-    noisy one, where pools of 3 disagreed by 23.7% and pools of 6 agreed within 3.7%
-    (benchmarks/measure_stability.py --passes 6). A module none of whose runs got a quiet CPU
-    (`converged=False`: another process held it) is measured in up to `protocol.passes` extra
-    passes, until one does. Each run stores the pool so far, so an interrupted pass loses
-    nothing measured."""
+    and 3x took the main job to 16 minutes). A run is fast (1.0-1.1x its module's best) or
+    slow (1.3-1.7x); a third of the runs were slow in a quiet hour of the EMR guest, where
+    pools of 2 passes already agreed within 3.7%, and 60% in a noisy one, where pools of 3
+    disagreed by 23.7% and pools of 6 agreed within 3.7% (benchmarks/measure_stability.py
+    --passes 6). A module none of whose runs got a quiet CPU (`converged=False`: another
+    process held it) is measured in up to `protocol.passes` extra passes, until one does. Each
+    run stores the pool so far, so an interrupted pass loses nothing measured."""
 
     def __init__(self, runner: Runner, protocol: MeasureProtocol, *, keep: int = 48) -> None:
         self.runner, self.protocol, self.keep = runner, protocol, keep
