@@ -187,8 +187,7 @@ def layer_lut(
 
 def float_network_ms(
     graph: TracedGraph,
-    fnet: nn.Module,
-    menu: PrecisionMenu,
+    built: Any,
     target: Target,
     lut_path: str | Path,
     *,
@@ -196,8 +195,9 @@ def float_network_ms(
     seed: int = 0,
     counts: dict[str, int] | None = None,
 ) -> float:
-    """The float network compiled as `quantize_own` lowers it, timed once into the LUT file's
-    networks table (key `graph:<digest of its FX code and layers>`) and reused after."""
+    """The float network (`built`: compiled as `quantize_own` lowers it), timed once into the
+    LUT file's networks table (key `graph:<digest of its FX code and layers>`) and reused
+    after."""
     from codesign.lut import LatencyTable
     from codesign.lut_build import provenance_for
     from codesign.tvm_backend.runner import Where, run_steady
@@ -211,7 +211,6 @@ def float_network_ms(
             if counts is not None:
                 counts["reused"] += 1
             return old.median_ms
-        built = _compile(fnet, graph, ["fp32"] * len(graph.layers), menu, target)
         m = run_steady(Where.local().runner(seed=seed), built, protocol)
         table.put_network(target.key, key, "untuned", m, prov)
     if not m.ok:
@@ -298,8 +297,9 @@ def quantize_own(
     )
     # the float network, measured: what the layers' LUT sum leaves out (adds, pools, ...)
     fnet = fake_quant_graph(graph, ranges, [(32, 32)] * len(graph.layers)).eval()
+    fbuilt = _compile(fnet, graph, ["fp32"] * len(graph.layers), menu, target)  # also timed last
     float_ms = float_network_ms(
-        graph, fnet, menu, target, lut_path, protocol=s.protocol, seed=seed, counts=counts
+        graph, fbuilt, target, lut_path, protocol=s.protocol, seed=seed, counts=counts
     )
     rest = max(0.0, float_ms - sum(m["fp32"] for m in layer_ms))
     qat = replace(s.search_qat, seed=seed)
@@ -331,7 +331,6 @@ def quantize_own(
     xs = data.calibration(s.check_images, seed + 1).numpy()
     errs = [max_abs_error(built, qnet, xs[i : i + 1]) for i in range(len(xs))]
     acc, _n = compiled_accuracy(built, data, s.val_images)
-    fbuilt = _compile(fnet, graph, ["fp32"] * len(graph.layers), menu, target)
     pair = measure_in_passes(Where.local().runner(seed=seed), [built, fbuilt], s.protocol)
     for m, what in zip(pair, ("quantized", "float"), strict=True):
         if not m.ok:
