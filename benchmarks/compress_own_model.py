@@ -7,9 +7,9 @@ the whole run fits a loaded 2-core machine: few epochs, few episodes, recorded i
 train the original (cached), then AMC (compression/amc/own.py: torch-pruning groups, DDPG,
 layer LUT measured on demand with TVM, whole-network calibration) at a budget of 0.6x the
 original's measured latency, fine-tune, compile and measure. The baseline is Torch-Pruning's
-magnitude pruner at one uniform ratio, chosen so that its latency matches ours (interpolated
-between the measured unpruned and uniformly-halved networks), fine-tuned the same way and
-measured the same way. The original also runs in ONNX Runtime and OpenVINO (codesign.peers).
+magnitude pruner at one uniform ratio, chosen so that its latency matches ours (secant steps
+from the unpruned and uniformly-halved networks, each candidate measured in alternating passes
+with AMC's network), fine-tuned the same way and measured the same way. The original also runs in ONNX Runtime and OpenVINO (codesign.peers).
 HAQ for any CNN (compression/haq/own.py) is applied after AMC when it exists.
 With --via onnx the trained original is exported to ONNX first and codesign compresses the file
 (results keyed ARCH@onnx; checkpoints in WORK/ARCH/onnx), as `codesign compress --model x.onnx`.
@@ -158,30 +158,43 @@ def run_arch(name: str, args: argparse.Namespace, data, target) -> dict:  # type
     if ships(quant.get("latency_ms"), res.pruned_ms):
         out_ms, out_acc = quant["latency_ms"], quant["accuracy"]
 
-    # Torch-Pruning at one uniform ratio, at the same latency: interpolate the kept ratio
-    # between the measured unpruned (1.0) and uniformly halved (0.5) networks.
+    # Torch-Pruning at one uniform ratio, at the same latency. Every ratio is priced by its
+    # network's ms over AMC's network's, the two measured in alternating passes (a slow phase
+    # of the host hits both; ratios measured minutes apart are not comparable). Start between
+    # the unpruned (1.0) and uniformly halved (0.5) networks; latency is neither linear nor
+    # monotonic in the kept ratio (channel rounding, kernel shapes): secant steps through the
+    # bracketing priced points, keeping the candidate closest to AMC's network, then fine-tune it.
+    from codesign.compression.amc.own_layers import compile_own
+    from codesign.tvm_backend.runner import LocalRunner
+    from codesign.tvm_backend.runner.timing import measure_in_passes
+
+    amc_built = compile_own(res.model, graph.input_shape, target)
+
+    def over_amc(net) -> float:  # type: ignore[no-untyped-def]
+        a, m = measure_in_passes(
+            LocalRunner(), [amc_built, compile_own(net, graph.input_shape, target)], protocol
+        )
+        return m.median_ms / a.median_ms
+
     options = unit_options(graph, settings.amc, settings.levels)
     half = graph.prune(uniform_counts(graph, options, 0.5))  # calibration's network
-    half_ms = layers.network_ms(half, graph.input_shape)
-    kept = 0.5 + 0.5 * (res.pruned_ms - half_ms) / max(original_ms - half_ms, 1e-9)
+    points = [(0.5, over_amc(half)), (1.0, over_amc(model))]
+    kept = 0.5 + 0.5 * (1.0 - points[0][1]) / max(points[1][1] - points[0][1], 1e-9)
     kept = min(max(kept, 0.25), 1.0)
-    # latency is neither linear nor monotonic in the kept ratio (channel rounding, kernel
-    # shapes): correct the ratio by secant steps through the nearest measured points and keep
-    # the candidate that measured closest to AMC's network, before fine-tuning it
-    points = [(0.5, half_ms), (1.0, original_ms)]
     candidates = []
     for _ in range(TP_ROUNDS):
         net = tp_uniform(model, graph, kept)
-        ms = layers.network_ms(net, graph.input_shape)
-        candidates.append((abs(ms / res.pruned_ms - 1), kept, net))
+        ratio = over_amc(net)
+        candidates.append((abs(ratio - 1), kept, net))
+        print(f"[{name}] torch-pruning kept {kept:.3f}: {ratio:.3f}x AMC's ms", flush=True)
         if candidates[-1][0] <= TP_MATCH:
             break
-        points.append((kept, ms))
-        lo = max(
-            (p for p in points if p[1] <= res.pruned_ms), key=lambda p: p[1], default=points[0]
-        )
-        hi = min((p for p in points if p[1] > res.pruned_ms), key=lambda p: p[1], default=points[1])
-        kept = lo[0] + (hi[0] - lo[0]) * (res.pruned_ms - lo[1]) / max(hi[1] - lo[1], 1e-9)
+        points.append((kept, ratio))
+        # the bracket in kept ratio: the most kept that is not slower than AMC's network,
+        # and the least kept above it that is (ratios can fall as more is kept)
+        lo = max((p for p in points if p[1] <= 1.0), default=points[0])
+        hi = min((p for p in points if p[1] > 1.0 and p[0] > lo[0]), default=points[1])
+        kept = lo[0] + (hi[0] - lo[0]) * (1.0 - lo[1]) / max(hi[1] - lo[1], 1e-9)
         kept = min(max(kept, 0.25), 1.0)
     _, kept, tp_net = min(candidates, key=lambda c: c[0])
     recalibrate_bn(tp_net, data.calibration(128, seed=0))
@@ -247,6 +260,7 @@ def run_arch(name: str, args: argparse.Namespace, data, target) -> dict:  # type
         "torch_pruning_kept_ratio": round(kept, 3),
         "torch_pruning_ms": round(tp_ms, 4),
         "torch_pruning_acc_at_same_ms": round(tp_acc, 2),
+        "torch_pruning_ms_over_amc": round(tp_ms / amc_ms, 3),
         "ort_original_ms": peers.get("onnxruntime"),
         "openvino_original_ms": peers.get("openvino"),
         "peers_missing": peers["missing"],
@@ -323,8 +337,9 @@ def main() -> int:
     ap.add_argument(
         "--missing",
         choices=("measure", "scale"),
-        default="scale",
-        help="new layer shapes during the search: measured, or MAC-scaled",
+        default="measure",
+        help="new layer shapes during the search: measured (as `codesign compress` does), or "
+        "MAC-scaled (quicker, coarser)",
     )
     ap.add_argument(
         "--merge",

@@ -23,7 +23,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -285,8 +285,10 @@ def build_lut(
         if noise_floor and farm is None and space is not None:
             assert runner is not None  # without a farm: the given or a local runner
             t0 = time.time()
+            # pooled over as many passes as the batch's (a noisy hour's batch takes more)
+            probe = replace(protocol, passes=max(protocol.passes, report.passes or 0))
             report.noise_floor = _record_noise_floor(
-                table, space, target, runner, protocol, seed=seed, progress=progress
+                table, space, target, runner, probe, seed=seed, progress=progress
             )
             if report.noise_floor is not None:
                 report.seconds["noise_floor"] = time.time() - t0
@@ -355,14 +357,12 @@ def _measure_on_farm(
     progress: bool,
 ) -> None:
     """The measure phase on a device farm: compile here, measure there, commit on arrival."""
-    import dataclasses
-
     from codesign.farm.measure import Item, measure_many
     from codesign.tvm_backend.build import compile_module
     from codesign.tvm_backend.lower import lower_block
 
     mode = report.mode
-    protocol = dataclasses.replace(protocol, passes=1)  # the farm measures each block once
+    protocol = replace(protocol, passes=1)  # the farm measures each block once
     provs: dict[str, Provenance] = {}
     todo: list[Item] = []
     for b in blocks:
@@ -390,9 +390,7 @@ def _measure_on_farm(
     with _progress(len(todo), f"measure {mode} on {farm.key}@{farm.tracker}", progress) as bar:
 
         def commit(item: Item, m: Any, server: str) -> None:
-            prov = dataclasses.replace(
-                provs[item.id], host=farm.host_label(server), created=time.time()
-            )
+            prov = replace(provs[item.id], host=farm.host_label(server), created=time.time())
             digest = digests.get(item.id, "")
             table.put(target.key, specs[item.id], mode, m, prov, tuning_digest=digest)
             if m.ok:

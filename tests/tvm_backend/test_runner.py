@@ -266,6 +266,8 @@ def test_lut_records_the_noise_floor_once(lut_path, tiny, x86, quick) -> None:
         assert t.noise_floor == r1.noise_floor
         info = t.noise_floor_info()
     assert info is not None and info["target"] == x86.key and len(info["samples_ms"]) >= 5
+    # each value pooled over as many passes as the batch was measured in
+    assert info["protocol"]["passes"] == max(quick.passes, r1.passes or 0)
     r2 = build_lut(tiny, x86, lut_path, **kw)
     assert r2.noise_floor is None and "noise_floor" not in r2.seconds  # kept, not measured
     with LatencyTable(lut_path) as t:
