@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # Main job on the embedded default: LUT -> latency model -> search -> AMC -> HAQ -> artifact + report,
-# for the tiny space on mnist5k on this CPU (10-16 minutes on 2 cores).
+# for the tiny space on mnist5k on this CPU (9-16 minutes on 2 cores).
 demo: setup
 	$(BIN)/codesign pipeline --out $(OUT)
 

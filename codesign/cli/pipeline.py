@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Run (or resume) the whole co-design job into OUT: every stage is cached, a "
         "re-run skips finished stages and redoes those whose inputs changed. Without --config "
         "the embedded default runs: the tiny space on mnist5k for this machine's x86 CPU, searched, "
-        "pruned (AMC) and quantised (HAQ) (10-16 minutes on 2 cores: a noisy host gets more passes).",
+        "pruned (AMC) and quantised (HAQ) (9-16 minutes on 2 cores: a noisy host gets more passes).",
     )
     p.add_argument("--config", default=None, help="TOML file (see --show-config for the keys)")
     p.add_argument("--out", default=None, help="output directory (artifact, report, caches)")
