@@ -9,7 +9,8 @@ layer LUT measured on demand with TVM, whole-network calibration) at a budget of
 original's measured latency, fine-tune, compile and measure. The baseline is Torch-Pruning's
 magnitude pruner at one uniform ratio, chosen so that its latency matches ours (secant steps
 from the unpruned and uniformly-halved networks, each candidate measured in alternating passes
-with AMC's network), fine-tuned the same way and measured the same way. The original also runs in ONNX Runtime and OpenVINO (codesign.peers).
+with AMC's network), fine-tuned the same way and measured the same way. The original also runs
+in ONNX Runtime and OpenVINO (codesign.peers).
 HAQ for any CNN (compression/haq/own.py) is applied after AMC when it exists.
 With --via onnx the trained original is exported to ONNX first and codesign compresses the file
 (results keyed ARCH@onnx; checkpoints in WORK/ARCH/onnx), as `codesign compress --model x.onnx`.
