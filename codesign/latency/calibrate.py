@@ -163,10 +163,26 @@ def fit_ridge(
     lambdas: Sequence[float] = LAMBDAS,
 ) -> Ridge:
     """Fit the correction on networks `x` (schema features) measured at `measured` ms."""
-    z = z_features(schema, x)
-    names = z_names(schema)
-    w0 = np.zeros(z.shape[1]) if prior is None else np.asarray(prior, float)
     y = np.log(np.asarray(measured, float) / x[:, 0])
+    return fit_log_ratio(z_names(schema), z_features(schema, x), y, scale, prior=prior,
+                         lambdas=lambdas)  # fmt: skip
+
+
+def fit_log_ratio(
+    names: Sequence[str],
+    z: np.ndarray,
+    y: np.ndarray,
+    scale: np.ndarray,
+    *,
+    prior: np.ndarray | None = None,
+    lambdas: Sequence[float] = LAMBDAS,
+) -> Ridge:
+    """The ridge fit of log(measured / LUT sum) `y` on features `z` (first column: the
+    intercept, never penalised), its strength chosen by leave-one-out error; any model of a
+    LUT sum's gap to whole networks (the project's spaces, a user's pruned CNN) fits here."""
+    names = tuple(names)
+    w0 = np.zeros(z.shape[1]) if prior is None else np.asarray(prior, float)
+    y = np.asarray(y, float)
     zs = z / scale
     yt = y - z @ w0
     n = len(y)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -97,6 +99,43 @@ def test_layer_lut_is_reused(tmp_path, x86, quick) -> None:
     with LatencyTable(db) as table:
         assert set(table.latencies(x86.key, "untuned", kind="layer")) == {s.key for s in specs}
         assert table.latencies(x86.key, "untuned") == {}  # block lookups never see layers
+
+
+def test_gap_model_is_fitted_on_whole_networks_measured_together(tmp_path, x86, quick) -> None:
+    from codesign.compression.amc.env import AMCConfig
+    from codesign.compression.amc.own import (
+        OwnLatency,
+        calibrate,
+        calibration_counts,
+        unit_options,
+    )
+    from codesign.compression.amc.own_layers import LayerLatency, OwnGraph
+
+    g = OwnGraph.build(_trained_tiny(), (1, 3, 16, 16))
+    options = unit_options(g, AMCConfig(lbound=0.25, divisor=4), 4)
+    counts = calibration_counts(g, options, (0.75, 0.5, 0.25), 2, seed=0)
+    full = {u.name: u.channels for u in g.units}
+    assert counts[0] == full and len({tuple(c.values()) for c in counts}) == len(counts) >= 4
+    assert counts == calibration_counts(g, options, (0.75, 0.5, 0.25), 2, seed=0)  # seeded
+    db = tmp_path / "lut.sqlite"
+    lat = OwnLatency(g, LayerLatency(db, x86, quick))
+    assert lat(full) == lat.lut_sum(full)  # uncalibrated: the LUT sum itself
+    points = calibrate(lat, g, counts)
+    assert lat.ridge is not None and lat.ridge.n == len(counts)
+    assert [c for c, _ in points] == counts and all(ms > 0 for _, ms in points)
+    # fewer kept channels, fewer weights (a feature); the correction applies to the LUT sum
+    assert lat.features(counts[1])[1] < lat.features(full)[1]
+    assert lat(full) != lat.lut_sum(full)
+    # the fitted model stays near what it was fitted on: within 3 of its own LOO errors
+    for c, ms in points:
+        assert abs(math.log(lat(c) / ms)) <= 3 * lat.ridge.sigma + 0.05, (c, ms, lat(c))
+    # a second run reuses the stored networks (the same pooled values)
+    again = LayerLatency(db, x86, quick)
+    assert again.networks_ms([g.model, g.prune(counts[1])], g.input_shape) == [
+        points[0][1],
+        points[1][1],
+    ]
+    assert again.reused == 2
 
 
 def test_compress_refuses_what_it_cannot_prune_before_any_work(tmp_path) -> None:

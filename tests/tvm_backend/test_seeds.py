@@ -9,11 +9,25 @@ import numpy as np
 import pytest
 from tvm_helpers import run_built
 
-from codesign.tvm_backend.seeds import ConvLoops, seed_budget, tilings
+from codesign.tvm_backend.seeds import ConvLoops, register_tiles, seed_budget, tilings
 
 
 def _accumulators(t, lanes: int) -> int:
     return t.h[3] * t.w[3] * t.c[3] // lanes
+
+
+def test_small_dense_windows_get_fewer_accumulators_on_avx512() -> None:
+    def acc(loops: ConvLoops, lanes: int = 16, registers: int = 32) -> int:
+        h3, w3, c3 = register_tiles(loops, lanes, registers)[0]
+        return h3 * w3 * c3 // lanes
+
+    assert acc(ConvLoops(1, 16, 16, 64, 3, 3, 64)) == 8  # ResNet-18 at 64 px, layer1
+    assert acc(ConvLoops(1, 4, 4, 256, 3, 3, 256)) == 8
+    assert acc(ConvLoops(1, 56, 56, 64, 3, 3, 64)) == 16  # a wide output keeps half
+    assert acc(ConvLoops(1, 16, 16, 384, 1, 1, 64)) == 16  # 1x1: no window
+    assert acc(ConvLoops(1, 16, 16, 192, 3, 3, 1)) == 16  # depthwise: no channel reduction
+    assert acc(ConvLoops(1, 7, 7, 512, 3, 3, 512)) >= 12  # no 8-accumulator tile fits 7 columns
+    assert acc(ConvLoops(1, 16, 16, 64, 3, 3, 64), 8, 16) == 8  # AVX2: half of 16, as before
 
 
 @pytest.mark.parametrize(
