@@ -66,14 +66,14 @@ def run_arch(name: str, args: argparse.Namespace, data, target) -> dict:  # type
 
     from codesign import zoo
     from codesign.compression.amc.env import AMCConfig
-    from codesign.compression.amc.own import (
-        OwnSettings,
+    from codesign.compression.amc.own import OwnSettings, prune_own, unit_options
+    from codesign.compression.amc.own_latency import (
+        LayerLatency,
         calibration_counts,
-        prune_own,
+        compile_own,
         uniform_counts,
-        unit_options,
     )
-    from codesign.compression.amc.own_layers import LayerLatency, OwnGraph
+    from codesign.compression.amc.own_layers import OwnGraph
     from codesign.compression.amc.surgery import recalibrate_bn
     from codesign.compression.ddpg import DDPGConfig
     from codesign.measurement import MeasureProtocol
@@ -178,7 +178,6 @@ def run_arch(name: str, args: argparse.Namespace, data, target) -> dict:  # type
     # the unpruned (1.0) and uniformly halved (0.5) networks; latency is neither linear nor
     # monotonic in the kept ratio (channel rounding, kernel shapes): secant steps through the
     # bracketing priced points, keeping the candidate closest to AMC's network, then fine-tune it.
-    from codesign.compression.amc.own_layers import compile_own
     from codesign.tvm_backend.runner import LocalRunner
     from codesign.tvm_backend.runner.timing import measure_in_passes
 
@@ -295,7 +294,7 @@ def side_by_side(nets, shape, target, protocol, work, rounds, extra=()):  # type
     comparable."""
     import statistics
 
-    from codesign.compression.amc.own_layers import compile_own
+    from codesign.compression.amc.own_latency import compile_own
     from codesign.peers import time_peers
     from codesign.tvm_backend.runner import LocalRunner, run_steady
 

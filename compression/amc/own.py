@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
@@ -41,11 +41,18 @@ from codesign.compression.amc.env import (
     taken_action,
     wanted_width,
 )
-from codesign.compression.amc.own_layers import LayerLatency, OwnGraph, compile_own
+from codesign.compression.amc.own_latency import (
+    LayerLatency,
+    OwnLatency,
+    calibrate,
+    calibration_counts,
+    compile_own,
+)
+from codesign.compression.amc.own_layers import OwnGraph
 from codesign.compression.amc.policy import PruneError
 from codesign.compression.amc.surgery import recalibrate_bn
 from codesign.data import Dataset
-from codesign.latency.calibrate import Ridge, fit_log_ratio
+from codesign.latency.calibrate import Ridge
 from codesign.measurement import MeasureProtocol
 from codesign.targets import Target, parse_target
 from codesign.train import TrainConfig, evaluate, train
@@ -123,68 +130,6 @@ class OwnPruneResult:
         d["policy"] = self.policy.encode()
         d["speedup"] = self.speedup
         return d
-
-
-class OwnLatency:
-    """Predicted ms of the network with given kept counts: the layers' LUT sum, corrected by
-    a ridge fit of log(measured / LUT sum) on whole networks (`fit`), over three features:
-
-        1           a constant gap (layouts, fusion the isolated layers do not see)
-        weight MiB  weights that stop fitting in cache stream from memory in the network
-                    (ResNet-18 at 64 px: 1.25x its LUT sum unpruned, 0.77x at half width)
-        1 / LUT ms  each isolated layer pays a call the network does not
-
-    Fitted on 6 networks (uniform 1.0 / 0.75 / 0.5 / 0.25 and two random policies, measured in
-    alternating passes), it predicted 6 other random policies within 8.6% (ResNet-18) and 5.7%
-    (MobileNetV2); a line through the unpruned and half-width networks missed them by up to
-    61% and 17% (Zen 4 guest, 2 threads)."""
-
-    def __init__(self, graph: OwnGraph, layers: LayerLatency, missing: str = "measure") -> None:
-        self.graph, self.layers, self.missing = graph, layers, missing
-        self.ridge: Ridge | None = None
-        self._cache: dict[tuple[int, ...], tuple[float, float]] = {}
-
-    def layer_ms(self, name: str, spec: Any) -> float:
-        known = self.layers.lut.get(spec.key)
-        if known is not None or self.missing == "measure":
-            return known if known is not None else self.layers.layer_ms(spec)
-        base = self.graph.layers[name]
-        return self.layers.layer_ms(base) * spec.macs() / max(base.macs(), 1)
-
-    def _sums(self, counts: dict[str, int]) -> tuple[float, float]:
-        """(LUT sum ms, weight MiB) of the network with `counts`."""
-        key = tuple(counts.get(u.name, u.channels) for u in self.graph.units)
-        if key not in self._cache:
-            specs = self.graph.specs(counts)
-            lut = sum(self.layer_ms(n, s) for n, s in zip(self.graph.layers, specs, strict=True))
-            self._cache[key] = (float(lut), sum(s.weight_count() for s in specs) * 4 / 2**20)
-        return self._cache[key]
-
-    def lut_sum(self, counts: dict[str, int]) -> float:
-        return self._sums(counts)[0]
-
-    def features(self, counts: dict[str, int]) -> np.ndarray:
-        lut, mib = self._sums(counts)
-        return np.array([1.0, mib, 1.0 / max(lut, 1e-9)])
-
-    def __call__(self, counts: dict[str, int]) -> float:
-        lut = self.lut_sum(counts)
-        if self.ridge is None:
-            return lut
-        return lut * float(np.exp(self.features(counts) @ np.array(self.ridge.w)))
-
-    def fit(self, points: Sequence[tuple[dict[str, int], float]]) -> Ridge:
-        """Fit the correction on (counts, measured ms) of whole networks."""
-        z = np.array([self.features(c) for c, _ in points])
-        y = np.log([ms / self.lut_sum(c) for c, ms in points])
-        scale = np.where(np.std(z, axis=0) > 1e-12, np.std(z, axis=0), 1.0)
-        scale[0] = 1.0
-        self.ridge = fit_log_ratio(("icpt", "weight_mib", "per_lut_ms"), z, y, scale)
-        return self.ridge
-
-    def fingerprint(self) -> str:
-        w = () if self.ridge is None else self.ridge.w
-        return f"{self.missing}|w=" + ",".join(f"{v:.6g}" for v in w)
 
 
 def unit_options(graph: OwnGraph, config: AMCConfig, levels: int) -> dict[str, tuple[int, ...]]:
@@ -279,43 +224,6 @@ class OwnEnv(EpisodeState):
         return {"acc": acc, "latency_ms": ms, "reward": reward_of(acc, ms, self.config)}
 
 
-def uniform_counts(
-    graph: OwnGraph, options: dict[str, tuple[int, ...]], ratio: float
-) -> dict[str, int]:
-    """Every group at its largest allowed width <= ratio x its channels (else its smallest)."""
-    return {
-        u.name: max([o for o in options[u.name] if o <= ratio * u.channels + 1e-9]
-                    or [options[u.name][0]])
-        for u in graph.units
-    }  # fmt: skip
-
-
-def calibration_counts(graph: OwnGraph, options: dict[str, tuple[int, ...]],
-                       ratios: Sequence[float], random: int, seed: int) -> list[dict[str, int]]:  # fmt: skip
-    """The policies whose networks fit `OwnLatency`: unpruned first, then uniform at `ratios`,
-    then `random` seeded random ones (distinct)."""
-    rng = np.random.default_rng(seed)
-    found = [uniform_counts(graph, options, r) for r in (1.0, *ratios)]
-    found += [{u.name: int(rng.choice(options[u.name])) for u in graph.units}
-              for _ in range(random)]  # fmt: skip
-    distinct: dict[tuple[int, ...], dict[str, int]] = {}
-    for c in found:
-        distinct.setdefault(tuple(c[u.name] for u in graph.units), c)
-    return list(distinct.values())
-
-
-def calibrate(latency: OwnLatency, graph: OwnGraph, counts: Sequence[dict[str, int]]
-              ) -> list[tuple[dict[str, int], float]]:  # fmt: skip
-    """Measure the networks of `counts` whole, in alternating passes; fit `latency`; return the
-    (counts, measured ms) points (the first: the unpruned network, when `counts` starts so)."""
-    full = {u.name: u.channels for u in graph.units}
-    nets = [graph.model if c == full else graph.prune(c) for c in counts]
-    measured = latency.layers.networks_ms(nets, graph.input_shape)
-    points = list(zip(counts, measured, strict=True))
-    latency.fit(points)
-    return points
-
-
 def prune_own(
     model: nn.Module,
     data: Dataset,
@@ -347,7 +255,8 @@ def prune_own(
     points = calibrate(latency, graph, cal)
     ridge = cast(Ridge, latency.ridge)
     seen = ", ".join(f"{latency.lut_sum(c):.4g} / {ms:.4g}" for c, ms in points)
-    say(f"whole networks (LUT sum / measured ms): {seen}; gap model w={ridge.w}, "
+    w = ", ".join(f"{v:.3g}" for v in ridge.w)
+    say(f"whole networks (LUT sum / measured ms): {seen}; gap model w=({w}), "
         f"leave-one-out error {ridge.sigma:.1%}")  # fmt: skip
     original_ms = points[0][1]
     env = OwnEnv(graph, data, latency, budget_ms, settings.amc, settings.levels)

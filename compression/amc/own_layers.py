@@ -1,4 +1,5 @@
-"""Any CNN as prunable groups and measured layers: the pieces `own.py` searches over.
+"""Any CNN as prunable groups of layers: the pieces `own.py` searches over (what they cost:
+`own_latency.py`).
 
 OwnGraph.build(model, input_shape)
     layers  every Conv2d / Linear with its shapes and the epilogue TVM fuses into it
@@ -9,18 +10,15 @@ OwnGraph.build(model, input_shape)
             the layers whose outputs and inputs it shrinks; the classifier is left alone
 graph.specs(counts)   the layer shapes after keeping `counts[unit]` channels (no pruning)
 graph.prune(counts)   a pruned copy (torch-pruning, L2 group magnitude)
-LayerLatency          layer -> ms from the LUT file, measured on demand with TVM (keys
-                      `layer:...`, the `entries` table of codesign.lut), plus whole networks
+LayerSpec             one kernel's shapes, its LUT key and a module that runs it alone
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,9 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from codesign.compression.amc.policy import PruneError
-from codesign.lut import LAYER_PREFIX, LatencyTable, layer_key
-from codesign.measurement import MeasureProtocol
-from codesign.targets import Target
+from codesign.lut import layer_key
 
 EPILOGUES = ("", "relu", "relu6", "add", "add_relu")
 
@@ -304,116 +300,3 @@ def layer_specs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, Lay
         for h in handles:
             h.remove()
     return found
-
-
-# Part of every network key: 2 since whole networks compile with their BatchNorm folded
-# (`tvm_backend.lower.fold_batch_norm`; before, MobileNetV2 ran 2.7x slower), so networks
-# measured before are measured again.
-NETWORK_KEY_VERSION = 2
-
-
-def network_key(model: nn.Module, specs: Sequence[LayerSpec]) -> str:
-    """The `networks` table key of a (pruned) user network: its class and layer shapes."""
-    h = hashlib.sha256(f"{type(model).__name__}|v{NETWORK_KEY_VERSION}".encode())
-    for s in specs:
-        h.update(s.key.encode())
-    return f"own:{type(model).__name__}:{h.hexdigest()[:16]}"
-
-
-# ---------------------------------------------------------------- latency
-class LayerLatency:
-    """Layer and whole-network latencies on `target`, measured once each into the LUT file."""
-
-    def __init__(self, db: str | Path, target: Target, protocol: MeasureProtocol) -> None:
-        from codesign.lut_build import provenance_for
-
-        self.db, self.target, self.protocol = Path(db), target, protocol
-        self.provenance = provenance_for(target, tuned=False, tuning_digest="", protocol=protocol)
-        self.measured = self.reused = 0
-        with LatencyTable(self.db) as table:
-            self.lut = {e.key: e.median_ms for e in table.entries(target.key, "untuned")
-                        if e.key.startswith(LAYER_PREFIX) and e.ok
-                        and e.provenance.digest == self.provenance.digest}  # fmt: skip
-
-    def layer_ms(self, spec: LayerSpec) -> float:
-        ms = self.lut.get(spec.key)
-        if ms is None:
-            from codesign.tvm_backend.lower import lower_module
-
-            low = lower_module(spec.module(), spec.input_shape, label=spec.key,
-                               nhwc_in=spec.nhwc_in, nhwc_out=spec.op == "conv")  # fmt: skip
-            m = self._run(low, spec.key)
-            with LatencyTable(self.db) as table:
-                table.put(self.target.key, spec.key, "untuned", m, self.provenance)
-            self.lut[spec.key] = ms = m.median_ms
-            self.measured += 1
-        return ms
-
-    def sum_ms(self, specs: Sequence[LayerSpec]) -> float:
-        return float(sum(self.layer_ms(s) for s in specs))
-
-    def network_ms(self, model: nn.Module, input_shape: tuple[int, ...]) -> float:
-        """Measured ms of the whole network (reused from the LUT's `networks` table)."""
-        return self.networks_ms([model], input_shape)[0]
-
-    def networks_ms(self, models: Sequence[nn.Module], input_shape: tuple[int, ...]
-                    ) -> list[float]:  # fmt: skip
-        """Measured ms of whole networks, reused from the LUT's `networks` table when every one
-        is there; else all measured again in alternating passes (`measure_in_passes`: a slow
-        phase of the host hits them alike, so their ratios hold) and stored."""
-        from codesign.tvm_backend.runner import LocalRunner, measure_in_passes
-
-        keys = [network_key(m, tuple(layer_specs(m, input_shape).values())) for m in models]
-        with LatencyTable(self.db) as table:
-            old = [table.get_network(self.target.key, k, "untuned") for k in keys]
-        if all(o is not None and o.ok and o.provenance.digest == self.provenance.digest
-               for o in old):  # fmt: skip
-            self.reused += len(keys)
-            return [o.median_ms for o in old if o is not None]
-        builts = [compile_own(m, input_shape, self.target) for m in models]
-        if len(builts) == 1:
-            found = [self._run(builts[0], keys[0])]
-        else:
-            found = measure_in_passes(LocalRunner(), builts, self.protocol)
-        with LatencyTable(self.db) as table:
-            for k, m in zip(keys, found, strict=True):
-                if not m.ok:
-                    raise PruneError(f"measuring {k} on {self.target.key} failed: {m.error}")
-                table.put_network(self.target.key, k, "untuned", m, self.provenance)
-        return [m.median_ms for m in found]
-
-    def relative_ms(self, model: nn.Module, reference: Any, reference_ms: float,
-                    input_shape: tuple[int, ...]) -> float:  # fmt: skip
-        """`model` measured in alternating passes with `reference` (a compiled network that
-        measured `reference_ms` before): reference_ms x their ratio. A slow phase of the host
-        now hits both alike (a ResNet-18 policy read 3.66 ms alone, 0.72x the unpruned network
-        beside it: 2.3 ms). Not stored: the ratio belongs to this reference."""
-        from codesign.tvm_backend.runner import LocalRunner, measure_in_passes
-
-        built = compile_own(model, input_shape, self.target)
-        mine, ref = measure_in_passes(LocalRunner(), [built, reference], self.protocol)
-        for m in (mine, ref):
-            if not m.ok:
-                raise PruneError(f"measuring {type(model).__name__} on {self.target.key} "
-                                 f"failed: {m.error}")  # fmt: skip
-        return reference_ms * mine.median_ms / ref.median_ms
-
-    def _run(self, built_or_lowered: Any, label: str) -> Any:
-        from codesign.tvm_backend.build import Built, compile_module
-        from codesign.tvm_backend.runner import LocalRunner, run_steady
-
-        built = built_or_lowered
-        if not isinstance(built, Built):
-            built = compile_module(built_or_lowered, self.target)
-        m = run_steady(LocalRunner(), built, self.protocol)
-        if not m.ok:
-            raise PruneError(f"measuring {label} on {self.target.key} failed: {m.error}")
-        return m
-
-
-def compile_own(model: nn.Module, input_shape: tuple[int, ...], target: Target) -> Any:
-    """Lower (BN folded, torch.export) and compile a whole user network with the one recipe."""
-    from codesign.tvm_backend.build import compile_module
-    from codesign.tvm_backend.lower import lower_module
-
-    return compile_module(lower_module(model, input_shape, label=type(model).__name__), target)

@@ -86,7 +86,8 @@ def test_pruning_keeps_shapes_consistent_and_outputs_close() -> None:
 
 
 def test_layer_lut_is_reused(tmp_path, x86, quick) -> None:
-    from codesign.compression.amc.own_layers import LayerLatency, LayerSpec
+    from codesign.compression.amc.own_latency import LayerLatency
+    from codesign.compression.amc.own_layers import LayerSpec
     from codesign.lut import LatencyTable
 
     specs = [LayerSpec("conv", 8, 8, (3, 3), padding=(1, 1), groups=8, h=4, w=4, epilogue="add")]
@@ -103,13 +104,14 @@ def test_layer_lut_is_reused(tmp_path, x86, quick) -> None:
 
 def test_gap_model_is_fitted_on_whole_networks_measured_together(tmp_path, x86, quick) -> None:
     from codesign.compression.amc.env import AMCConfig
-    from codesign.compression.amc.own import (
+    from codesign.compression.amc.own import unit_options
+    from codesign.compression.amc.own_latency import (
+        LayerLatency,
         OwnLatency,
         calibrate,
         calibration_counts,
-        unit_options,
     )
-    from codesign.compression.amc.own_layers import LayerLatency, OwnGraph
+    from codesign.compression.amc.own_layers import OwnGraph
 
     g = OwnGraph.build(_trained_tiny(), (1, 3, 16, 16))
     options = unit_options(g, AMCConfig(lbound=0.25, divisor=4), 4)
