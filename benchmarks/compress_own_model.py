@@ -66,11 +66,16 @@ def run_arch(name: str, args: argparse.Namespace, data, target) -> dict:  # type
 
     from codesign import zoo
     from codesign.compression.amc.env import AMCConfig
-    from codesign.compression.amc.own import OwnSettings, prune_own, unit_options
+    from codesign.compression.amc.own import (
+        OwnSettings,
+        calibration_policies,
+        prune_own,
+        unit_options,
+    )
     from codesign.compression.amc.own_latency import (
         LayerLatency,
-        calibration_counts,
         compile_own,
+        policies_ms,
         uniform_counts,
     )
     from codesign.compression.amc.own_layers import OwnGraph
@@ -119,12 +124,7 @@ def run_arch(name: str, args: argparse.Namespace, data, target) -> dict:  # type
     # the budget from the original measured in alternating passes with the networks the
     # search calibrates on (stored: prune_own reuses them); one run alone read ResNet-18 at
     # 3.43 ms where its passes read 1.91 and set a budget above the unpruned network
-    options = unit_options(graph, settings.amc, settings.levels)
-    cal = calibration_counts(graph, options, settings.calibration_ratios,
-                             settings.calibration_random, settings.amc.seed)  # fmt: skip
-    full = {u.name: u.channels for u in graph.units}
-    nets = [model if c == full else graph.prune(c) for c in cal]
-    original_ms = layers.networks_ms(nets, graph.input_shape)[0]
+    original_ms = policies_ms(layers, graph, calibration_policies(graph, settings))[0]
     budget = args.budget * original_ms
     print(f"[{name}] original {original_ms:.3f} ms (TVM); budget {budget:.3f} ms", flush=True)
     res = prune_own(model, data, budget_ms=budget, target=target, db=args.db, settings=settings,
@@ -178,17 +178,12 @@ def run_arch(name: str, args: argparse.Namespace, data, target) -> dict:  # type
     # the unpruned (1.0) and uniformly halved (0.5) networks; latency is neither linear nor
     # monotonic in the kept ratio (channel rounding, kernel shapes): secant steps through the
     # bracketing priced points, keeping the candidate closest to AMC's network, then fine-tune it.
-    from codesign.tvm_backend.runner import LocalRunner
-    from codesign.tvm_backend.runner.timing import measure_in_passes
-
     amc_built = compile_own(res.model, graph.input_shape, target)
 
     def over_amc(net) -> float:  # type: ignore[no-untyped-def]
-        a, m = measure_in_passes(
-            LocalRunner(), [amc_built, compile_own(net, graph.input_shape, target)], protocol
-        )
-        return m.median_ms / a.median_ms
+        return layers.relative_ms(net, amc_built, 1.0, graph.input_shape)
 
+    options = unit_options(graph, settings.amc, settings.levels)
     half = graph.prune(uniform_counts(graph, options, 0.5))  # one of calibration's networks
     points = [(0.5, over_amc(half)), (1.0, over_amc(model))]
     kept = 0.5 + 0.5 * (1.0 - points[0][1]) / max(points[1][1] - points[0][1], 1e-9)

@@ -17,20 +17,20 @@ Weights kept as runtime inputs (cache-flushing measurements) are pre-packed the 
 the host, by the module's lifted `main_transform_params`, so both forms run the same kernels.
 
 `PIPELINE` names this recipe; it is part of every measurement's provenance, so changing the
-recipe invalidates measurements taken with another one. /8: on AVX-512, dense convolutions
-with a kernel window over at most 16 output columns get 8-accumulator register tiles (2x
-faster: ResNet-style 3x3 convolutions at 64 px; `seeds.SMALL_OUTPUT_W`). /7: int8 convolutions get analytic
-schedules in the tensorizing design space (VNNI / AVX2 dot products; before, the default space's
-schedules failed to build and they ran as naive loops, 5-60x slower than float32) and small int8
-/ fp16 conversions are vectorised; float32 kernels are unchanged. /6: the analytic schedules' design
-spaces are seeded (before, their compute locations were drawn anew in every process, so one
-network compiled to different code each time) and timings are medians of quiet windows measured
-twice; every LUT, network and artifact is measured again. /5: kernels without a tuning record
-get analytic schedules instead of TVM's naive loop nests (the MobileNetV2-style 224 net went
-from 850 ms to about 8 ms on 2 cores), so every untuned LUT, network and artifact is measured
-again. /4 changed no kernel: before it, TVM's
-thread pool held half the CPUs (see codesign/__init__.py), so x86 measurements labelled with
-the target's threads ran on fewer; they are taken again.
+recipe invalidates measurements taken with another one. /8: on AVX-512, dense convolutions with
+a kernel window over at most 16 output columns get 8-accumulator register tiles (2x faster:
+ResNet-style 3x3 convolutions at 64 px; `seeds.SMALL_OUTPUT_W`). /7: int8 convolutions get
+analytic schedules in the tensorizing design space (VNNI / AVX2 dot products; before, the
+default space's schedules failed to build and they ran as naive loops, 5-60x slower than
+float32) and small int8 / fp16 conversions are vectorised; float32 kernels are unchanged. /6:
+the analytic schedules' design spaces are seeded (before, their compute locations were drawn
+anew in every process, so one network compiled to different code each time) and timings are
+medians of quiet windows measured twice; every LUT, network and artifact is measured again. /5:
+kernels without a tuning record get analytic schedules instead of TVM's naive loop nests (the
+MobileNetV2-style 224 net went from 850 ms to about 8 ms on 2 cores), so every untuned LUT,
+network and artifact is measured again. /4 changed no kernel: before it, TVM's thread pool held
+half the CPUs (see codesign/__init__.py), so x86 measurements labelled with the target's threads
+ran on fewer; they are taken again.
 """
 
 from __future__ import annotations

@@ -140,6 +140,14 @@ def unit_options(graph: OwnGraph, config: AMCConfig, levels: int) -> dict[str, t
     return out
 
 
+def calibration_policies(graph: OwnGraph, settings: OwnSettings) -> list[dict[str, int]]:
+    """The policies whose whole networks fit the latency model (`OwnSettings.calibration_*`,
+    `calibration_counts`), over the widths the search may choose."""
+    options = unit_options(graph, settings.amc, settings.levels)
+    return calibration_counts(graph, options, settings.calibration_ratios,
+                              settings.calibration_random, settings.amc.seed)  # fmt: skip
+
+
 class _Fingerprint:
     """What amc.search.fingerprint reads of `env.network`: layer keys and weights."""
 
@@ -249,10 +257,7 @@ def prune_own(
     say(f"{len(graph.units)} channel groups, {len(graph.layers)} layers")
     layers = LayerLatency(db, target, settings.protocol)
     latency = OwnLatency(graph, layers, settings.missing)
-    options = unit_options(graph, settings.amc, settings.levels)
-    cal = calibration_counts(graph, options, settings.calibration_ratios,
-                             settings.calibration_random, settings.amc.seed)  # fmt: skip
-    points = calibrate(latency, graph, cal)
+    points = calibrate(latency, graph, calibration_policies(graph, settings))
     ridge = cast(Ridge, latency.ridge)
     seen = ", ".join(f"{latency.lut_sum(c):.4g} / {ms:.4g}" for c, ms in points)
     w = ", ".join(f"{v:.3g}" for v in ridge.w)

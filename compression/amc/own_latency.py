@@ -68,9 +68,6 @@ class LayerLatency:
             self.measured += 1
         return ms
 
-    def sum_ms(self, specs: Sequence[LayerSpec]) -> float:
-        return float(sum(self.layer_ms(s) for s in specs))
-
     def network_ms(self, model: nn.Module, input_shape: tuple[int, ...]) -> float:
         """Measured ms of the whole network (reused from the LUT's `networks` table)."""
         return self.networks_ms([model], input_shape)[0]
@@ -96,9 +93,8 @@ class LayerLatency:
             found = measure_in_passes(LocalRunner(), builts, self.protocol)
         with LatencyTable(self.db) as table:
             for k, m in zip(keys, found, strict=True):
-                if not m.ok:
-                    raise PruneError(f"measuring {k} on {self.target.key} failed: {m.error}")
-                table.put_network(self.target.key, k, "untuned", m, self.provenance)
+                table.put_network(self.target.key, k, "untuned", self._checked(m, k),
+                                  self.provenance)  # fmt: skip
         return [m.median_ms for m in found]
 
     def relative_ms(self, model: nn.Module, reference: Any, reference_ms: float,
@@ -111,11 +107,12 @@ class LayerLatency:
 
         built = compile_own(model, input_shape, self.target)
         mine, ref = measure_in_passes(LocalRunner(), [built, reference], self.protocol)
-        for m in (mine, ref):
-            if not m.ok:
-                raise PruneError(f"measuring {type(model).__name__} on {self.target.key} "
-                                 f"failed: {m.error}")  # fmt: skip
-        return reference_ms * mine.median_ms / ref.median_ms
+        label = type(model).__name__
+        return (
+            reference_ms
+            * self._checked(mine, label).median_ms
+            / self._checked(ref, label).median_ms
+        )
 
     def _run(self, built_or_lowered: Any, label: str) -> Any:
         from codesign.tvm_backend.build import Built, compile_module
@@ -124,7 +121,10 @@ class LayerLatency:
         built = built_or_lowered
         if not isinstance(built, Built):
             built = compile_module(built_or_lowered, self.target)
-        m = run_steady(LocalRunner(), built, self.protocol)
+        return self._checked(run_steady(LocalRunner(), built, self.protocol), label)
+
+    def _checked(self, m: Any, label: str) -> Any:
+        """`m`, a measurement of `label`, if it succeeded; else a PruneError saying why."""
         if not m.ok:
             raise PruneError(f"measuring {label} on {self.target.key} failed: {m.error}")
         return m
@@ -190,7 +190,8 @@ class OwnLatency:
         """Fit the correction on (counts, measured ms) of whole networks."""
         z = np.array([self.features(c) for c, _ in points])
         y = np.log([ms / self.lut_sum(c) for c, ms in points])
-        scale = np.where(np.std(z, axis=0) > 1e-12, np.std(z, axis=0), 1.0)
+        spread = np.std(z, axis=0)
+        scale = np.where(spread > 1e-12, spread, 1.0)
         scale[0] = 1.0
         self.ridge = fit_log_ratio(("icpt", "weight_mib", "per_lut_ms"), z, y, scale)
         return self.ridge
@@ -211,8 +212,13 @@ def uniform_counts(
     }  # fmt: skip
 
 
-def calibration_counts(graph: OwnGraph, options: dict[str, tuple[int, ...]],
-                       ratios: Sequence[float], random: int, seed: int) -> list[dict[str, int]]:  # fmt: skip
+def calibration_counts(
+    graph: OwnGraph,
+    options: dict[str, tuple[int, ...]],
+    ratios: Sequence[float],
+    random: int,
+    seed: int,
+) -> list[dict[str, int]]:
     """The policies whose networks fit `OwnLatency`: unpruned first, then uniform at `ratios`,
     then `random` seeded random ones (distinct)."""
     rng = np.random.default_rng(seed)
@@ -225,13 +231,19 @@ def calibration_counts(graph: OwnGraph, options: dict[str, tuple[int, ...]],
     return list(distinct.values())
 
 
-def calibrate(latency: OwnLatency, graph: OwnGraph, counts: Sequence[dict[str, int]]
-              ) -> list[tuple[dict[str, int], float]]:  # fmt: skip
-    """Measure the networks of `counts` whole, in alternating passes; fit `latency`; return the
-    (counts, measured ms) points (the first: the unpruned network, when `counts` starts so)."""
+def policies_ms(layers: LayerLatency, graph: OwnGraph, counts: Sequence[dict[str, int]]
+                ) -> list[float]:  # fmt: skip
+    """The whole networks of `counts` (the model itself where a policy keeps every channel),
+    measured together (`LayerLatency.networks_ms`: in alternating passes, stored, reused)."""
     full = {u.name: u.channels for u in graph.units}
     nets = [graph.model if c == full else graph.prune(c) for c in counts]
-    measured = latency.layers.networks_ms(nets, graph.input_shape)
-    points = list(zip(counts, measured, strict=True))
+    return layers.networks_ms(nets, graph.input_shape)
+
+
+def calibrate(latency: OwnLatency, graph: OwnGraph, counts: Sequence[dict[str, int]]
+              ) -> list[tuple[dict[str, int], float]]:  # fmt: skip
+    """Measure the networks of `counts` whole (`policies_ms`); fit `latency`; return the
+    (counts, measured ms) points (the first: the unpruned network, when `counts` starts so)."""
+    points = list(zip(counts, policies_ms(latency.layers, graph, counts), strict=True))
     latency.fit(points)
     return points
